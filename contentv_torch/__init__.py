@@ -1,0 +1,1 @@
+"""ContentV inference in PyTorch (CUDA, Ascend NPU, CPU): models with diffusers key names, pipeline, generate."""

@@ -1,0 +1,1 @@
+"""Weight converters between diffusers / original PyTorch layouts and the Flax parameter trees."""
