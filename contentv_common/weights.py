@@ -161,12 +161,10 @@ def save_sharded(
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
 ) -> Path:
-    """Write torch tensors as a diffusers weight folder (one file, or shards + index), atomically.
-
-    `tensors` may be a generator: at most one shard's tensors are held at a time.
+    """Write tensors (all torch, or all numpy incl. ml_dtypes bfloat16) as a diffusers weight folder
+    (one file, or shards + index), atomically. `tensors` may be a generator: at most one shard's
+    tensors are held at a time.
     """
-    from safetensors.torch import save_file
-
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     folder = Path(folder)
     with atomic_dir(folder, overwrite=overwrite) as tmp:
@@ -178,7 +176,16 @@ def save_sharded(
             nonlocal buf, size
             if buf:
                 name = f"shard-{len(shards):05d}.tmp"
-                save_file({k: v.contiguous() for k, v in buf.items()}, str(tmp / name), metadata={"format": "pt"})
+                if all(hasattr(v, "element_size") for v in buf.values()):
+                    from safetensors.torch import save_file
+
+                    buf = {k: v.contiguous() for k, v in buf.items()}
+                else:
+                    import numpy as np
+                    from safetensors.numpy import save_file
+
+                    buf = {k: np.ascontiguousarray(v) for k, v in buf.items()}
+                save_file(buf, str(tmp / name), metadata={"format": "pt"})
                 shards.append({k: name for k in buf})
                 buf, size = {}, 0
 

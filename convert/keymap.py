@@ -157,3 +157,12 @@ def flax_to_torch(params: Mapping, rules: list[Rule]) -> Iterator[tuple[str, np.
         else:
             for row, key in enumerate(keys):
                 yield key, np.ascontiguousarray(TO_TORCH[rule.kind](w[row]))
+
+
+def read_flax_params(path, rules: list[Rule], what: str | None = None) -> dict:
+    """A diffusers weight folder (or .safetensors file) -> nested Flax params of numpy arrays, streaming.
+
+    Reads through safetensors' flax backend (no torch needed; bf16 stays bf16 via ml_dtypes)."""
+    from contentv_common.weights import iter_tensors
+
+    return torch_to_flax(((k, np.asarray(t)) for k, t in iter_tensors(path, framework="flax")), rules, what or str(path))

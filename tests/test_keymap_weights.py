@@ -70,3 +70,15 @@ def test_check_keys_lists_everything():
         check_keys({"a": (1,), "b": (2,), "x": (3,)}, {"a": (1,), "b": (3,), "c": (4,)}, "model")
     msg = str(e.value)
     assert "missing keys (1): ['c']" in msg and "unexpected keys (1): ['x']" in msg and "b: (2,) != expected (3,)" in msg
+
+
+def test_numpy_bf16_folder_roundtrip_through_flax_reader(tmp_path):
+    import ml_dtypes
+
+    from convert.keymap import read_flax_params
+
+    sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in _torch_sd(np.random.default_rng(1)).items()}
+    save_sharded(tmp_path / "m", flax_to_torch(torch_to_flax(sd.items(), RULES), RULES))
+    tree = read_flax_params(tmp_path / "m", RULES)
+    assert tree["blocks"]["proj"]["kernel"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(tree["blocks"]["proj"]["kernel"][2], sd["blocks.2.proj.weight"].T)
