@@ -1,0 +1,6 @@
+"""`python -m convert --help` lists every format."""
+import sys
+
+from convert.cli import main
+
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""`python -m convert --to {jax,torch} SRC DST`: every supported format in, JAX or PyTorch out."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from contentv_common.weights import KeyMismatchError
+from convert.formats import DTYPES, FORMATS, FormatError
+
+EPILOG = "source formats (detected automatically; --from forces one):\n" + "\n".join(
+    f"  {k:22s} {v}" for k, v in FORMATS.items()
+) + """
+
+outputs:
+  --to torch   diffusers layout: config.json + diffusion_pytorch_model*.safetensors [+ index]
+               (loads in contentv_torch and in the released ContentV SD3Transformer3DModel.from_pretrained)
+  --to jax     our Flax format: config.json + flax_params*.safetensors (the '/'-flattened Flax params tree;
+               contentv_jax --init-from and convert.formats.load_params read it)
+  A whole ContentV folder in gives a whole folder out; --components DIR adds the other parts of a model
+  folder (vae/, text encoders, tokenizers, scheduler/, model_index.json) to a converted transformer.
+
+examples:
+  python -m convert --to jax   sd3.5_large.safetensors      sd35-jax/
+  python -m convert --to jax   ContentV-8B/                  contentv-jax/
+  python -m convert --to torch Wan2.1_VAE.pth                vae/
+  python -m convert --to torch ckpt/ out/ --ema --dtype bfloat16 --components ContentV-8B/
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--to", required=True, choices=["jax", "torch"], help="output framework")
+    p.add_argument("src", help="source file or folder")
+    p.add_argument("dst", help="destination folder (written atomically; must not exist unless --overwrite)")
+    p.add_argument("--from", dest="fmt", choices=sorted(FORMATS), default=None, help="force the source format")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors (default: keep)")
+    p.add_argument("--ema", action="store_true", help="training checkpoint: take the EMA params (default: raw params)")
+    p.add_argument("--step", type=int, default=None, help="training checkpoint: step to read (default: latest)")
+    p.add_argument("--components", default=None, metavar="DIR",
+                   help="ContentV-format folder whose other parts complete a whole model folder at DST")
+    p.add_argument("--link", action="store_true", help="with --components / a model folder: symlink the copied parts")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST (atomically)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size of written safetensors (default 5)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from convert.export import convert
+    from convert.wan_original import UnsafeCheckpointError
+
+    try:
+        convert(args.src, args.dst, args.to, fmt=args.fmt, dtype=args.dtype, ema=args.ema, step=args.step,
+                components=args.components, link=args.link, overwrite=args.overwrite,
+                max_shard_bytes=int(args.max_shard_gb * 2**30))
+    except (KeyMismatchError, FormatError, UnsafeCheckpointError, FileExistsError, FileNotFoundError,
+            PermissionError, KeyError, ValueError) as e:
+        kind = type(e).__name__
+        print(f"convert: error ({kind}): {e}", file=sys.stderr)
+        return 1
+    return 0
