@@ -18,6 +18,9 @@ class PretrainedMixin:
     """`from_pretrained(folder, dtype=..., device=...)` and `save_pretrained(folder)` for our torch models."""
 
     config_class = None  # set by subclasses
+    # Checkpoint keys the model knowingly has no parameter for (e.g. the SD3.5 learned 2D
+    # `pos_embed.pos_embed` table, which ContentV replaces by a fixed 3D one): skipped on load, by exact name.
+    ignored_checkpoint_keys: frozenset[str] = frozenset()
 
     @classmethod
     def from_config_file(cls, folder: str | Path):
@@ -34,9 +37,10 @@ class PretrainedMixin:
         with torch.device("meta"):
             model = cls(config)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        check_keys(tensor_shapes(folder), expected, str(folder))
+        found = {k: s for k, s in tensor_shapes(folder).items() if k not in cls.ignored_checkpoint_keys}
+        check_keys(found, expected, str(folder))
         state = {}
-        for k, t in iter_tensors(folder, framework="pt"):
+        for k, t in iter_tensors(folder, framework="pt", keys=found):
             state[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
         model.load_state_dict(state, strict=True, assign=True)
         model._init_non_persistent(device)

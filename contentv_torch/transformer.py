@@ -249,6 +249,7 @@ class ContentVTransformer3DModel(nn.Module, PretrainedMixin):
     """
 
     config_class = TransformerConfig
+    ignored_checkpoint_keys = frozenset({"pos_embed.pos_embed"})  # SD3.5's learned 2D table; unused by video
 
     def __init__(self, config: TransformerConfig):
         super().__init__()

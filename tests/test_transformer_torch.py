@@ -70,6 +70,18 @@ def test_bf16_matches_fp32_reference(saved):
     assert 0 < err <= 2e-2
 
 
+def test_loads_sd35_folder_written_by_diffusers(tmp_path):
+    """An SD3.5-layout folder (diffusers `save_pretrained`, sharded, with the learned 2D `pos_embed.pos_embed`
+    table, which ContentV does not use) loads strictly and gives the reference's output."""
+    ref = reference_transformer(CFG, seed=1)
+    ref.dit.save_pretrained(tmp_path / "sd35", max_shard_size="40KB")
+    assert (tmp_path / "sd35" / INDEX_NAME).is_file()
+    model = ContentVTransformer3DModel.from_pretrained(tmp_path / "sd35")
+    x = inputs(CFG, 2, seed=3)
+    with torch.no_grad():
+        assert rel_err(model(**x), ref(**x)) <= 1e-5
+
+
 def test_callable_backend_and_three_step_forward(saved):
     """A plugged-in callable sees [B, heads, N+L, head_dim] once per block; embed/blocks/head == forward."""
     cfg, _, folder = saved
