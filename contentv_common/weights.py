@@ -18,6 +18,9 @@ from typing import Any, Iterable, Iterator, Mapping
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+# transformers `save_pretrained` writes the same formats under these names; read them the same way.
+HF_WEIGHTS_NAME = "model.safetensors"
+HF_INDEX_NAME = "model.safetensors.index.json"
 
 
 class KeyMismatchError(ValueError):
@@ -25,23 +28,26 @@ class KeyMismatchError(ValueError):
 
 
 def weight_index(path: str | Path) -> dict[str, Path]:
-    """key -> safetensors file for a folder (single file or sharded with index) or a single `.safetensors` file."""
+    """key -> safetensors file for a folder (single file or sharded with index, diffusers or transformers
+    names) or a single `.safetensors` file."""
     from safetensors import safe_open
 
     path = Path(path)
+    index_file = next((path / n for n in (INDEX_NAME, HF_INDEX_NAME) if (path / n).is_file()), None)
+    weights_file = next((path / n for n in (WEIGHTS_NAME, HF_WEIGHTS_NAME) if (path / n).is_file()), None)
     if path.is_file():
         files = [path]
-    elif (path / INDEX_NAME).is_file():
+    elif index_file is not None:
         try:
-            weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
+            weight_map = json.loads(index_file.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{path / INDEX_NAME}: not a safetensors index ({e!r})") from None
+            raise ValueError(f"{index_file}: not a safetensors index ({e!r})") from None
         missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
         if missing:
-            raise FileNotFoundError(f"{path / INDEX_NAME} names shards that are missing: {missing}")
+            raise FileNotFoundError(f"{index_file} names shards that are missing: {missing}")
         return {k: path / f for k, f in weight_map.items()}
-    elif (path / WEIGHTS_NAME).is_file():
-        files = [path / WEIGHTS_NAME]
+    elif weights_file is not None:
+        files = [weights_file]
     elif path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:

@@ -129,7 +129,7 @@ def torch_to_flax(tensors: Iterable[tuple[str, Any]], rules: list[Rule], what: s
         if row is None:
             if path in flat:
                 raise KeyMismatchError(f"{what}: two torch keys map to the Flax path {path}")
-            flat[path] = np.ascontiguousarray(w)
+            flat[path] = np.asarray(w, order="C")  # (ascontiguousarray would turn 0-d scalars into [1])
             continue
         if path not in flat:
             flat[path] = np.empty((rule.stack[1] - rule.stack[0], *w.shape), w.dtype)
@@ -150,13 +150,13 @@ def flax_to_torch(params: Mapping, rules: list[Rule]) -> Iterator[tuple[str, np.
     """Yield (torch key, numpy array) for every leaf of a Flax params tree, unstacking scanned layers."""
     for path, w in flatten(params).items():
         w = np.asarray(w)
-        hits = [(r, keys) for r in rules if (keys := r.to_torch_keys(path, w.shape[0] if r.stack else None)) is not None]
+        hits = [(r, keys) for r in rules if (keys := r.to_torch_keys(path, w.shape[0] if r.stack and w.ndim else None)) is not None]
         rule, keys = _one(hits, f"Flax path {path!r}")
         if rule.stack is None:
-            yield keys[0], np.ascontiguousarray(TO_TORCH[rule.kind](w))
+            yield keys[0], np.asarray(TO_TORCH[rule.kind](w), order="C")
         else:
             for row, key in enumerate(keys):
-                yield key, np.ascontiguousarray(TO_TORCH[rule.kind](w[row]))
+                yield key, np.asarray(TO_TORCH[rule.kind](w[row]), order="C")
 
 
 def read_flax_params(path, rules: list[Rule], what: str | None = None) -> dict:
