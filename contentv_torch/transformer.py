@@ -90,7 +90,7 @@ class PatchEmbed(nn.Module):
     shape by `contentv_common.sincos.sincos_3d` and cached (a few shapes) on the tokens' device and dtype.
     """
 
-    _CACHE_SIZE = 4
+    _CACHE_SIZE = 2  # tables kept (a 125-frame 432x768 table is 200 MB in bf16)
 
     def __init__(self, patch_size: int, in_channels: int, dim: int):
         super().__init__()
@@ -296,12 +296,12 @@ class ContentVTransformer3DModel(nn.Module, PretrainedMixin):
 
     def embed(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
         """-> (x [B, N, D] video tokens (t, h, w) with the 3D table added, ctx [B, L, D], temb [B, D]),
-        in the parameters' dtype. Inputs as in `forward` (validated here)."""
+        on the parameters' device and dtype. Inputs as in `forward` (validated here, then moved there)."""
         self.check_inputs(hidden_states, encoder_hidden_states, pooled_projections, timestep)
-        dt = self.proj_out.weight.dtype
-        x = self.pos_embed(hidden_states.to(dt))
-        temb = self.time_text_embed(timestep, pooled_projections.to(dt))
-        ctx = self.context_embedder(encoder_hidden_states.to(dt))
+        dev, dt = self.proj_out.weight.device, self.proj_out.weight.dtype
+        x = self.pos_embed(hidden_states.to(dev, dt))
+        temb = self.time_text_embed(timestep.to(dev), pooled_projections.to(dev, dt))
+        ctx = self.context_embedder(encoder_hidden_states.to(dev, dt))
         return x, ctx, temb
 
     def blocks_forward(self, x: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
