@@ -51,7 +51,7 @@ class CausalConv3d(nn.Conv3d):
         if cache is None:
             cache = x.new_zeros(*x.shape[:2], self.time_pad, *x.shape[3:])
         x = torch.cat([cache.to(x), x], dim=2)  # [B, C, time_pad + T, H, W]
-        return super().forward(F.pad(x, self.space_pad)), x[:, :, -self.time_pad:]
+        return super().forward(F.pad(x, self.space_pad)), x[:, :, -self.time_pad:].clone()  # clone: no view of x
 
 
 class RMSNorm(nn.Module):
@@ -118,7 +118,7 @@ class Resample(nn.Module):
         x = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))  # [B*T, C', H', W']
         x = x.reshape(b, t, *x.shape[1:]).transpose(1, 2)  # [B, C', T, H', W']
         if self.mode == "downsample3d":
-            new_cache = x[:, :, -1:]
+            new_cache = x[:, :, -1:].clone()
             if cache is not None:  # first chunk passes through; later ones see the previous last frame
                 x, _ = self.time_conv(torch.cat([cache.to(x), x], dim=2))  # [B, C, T/2, H', W']
         return x, new_cache

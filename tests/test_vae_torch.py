@@ -142,7 +142,7 @@ def test_full_wan21_layout_on_meta_matches_diffusers():
 def test_tiled_matches_diffusers_tiling_and_approximates_untiled(pair):
     """64x112 frames in 32px tiles 24px apart (3 x 5 tiles): equal to diffusers' tiled encode/decode,
     and close to the untiled result. Random weights have no locality, so the untiled gap is large
-    (measured PSNR: encode-mean ~27 dB, decode ~17 dB); a trained VAE with 256/192 tiles is far closer."""
+    (measured: encode-mean PSNR 25.8 dB, rel_err 0.69; decode PSNR 14.9 dB; 64/48 tiles: 34.6 / 23.5 dB)."""
     ref, ours = pair
     x = torch.nn.functional.avg_pool3d(_video(1, 5, 64, 112, seed=9), (1, 5, 5), 1, (0, 2, 2))
     ref.enable_tiling(32, 32, 24, 24)
