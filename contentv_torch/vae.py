@@ -388,6 +388,12 @@ class WanVAE(nn.Module, PretrainedMixin):
             return self.tiled_decode(z, *self.tiling, progress=progress)
         return self._decode_frames(z, progress).clamp(-1.0, 1.0)
 
+    def decode_first_frame(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, z, T, h, w] -> the first video frame [B, 3, 1, 8h, 8w] in [-1, 1], from latent frame 0 only
+        (causal: equal to decode(z)[:, :, :1]; the RLHF reward path decodes just this)."""
+        self._check_latents(z)
+        return self.decode(z[:, :, :1])
+
     @staticmethod
     def sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A posterior sample mean + exp(logvar / 2) * eps, eps drawn on the generator's device (diffusers order)."""

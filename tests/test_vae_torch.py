@@ -113,6 +113,19 @@ def test_chunking_streams_frames_and_cache_shapes_settle(pair):
 
 
 @torch.no_grad()
+def test_causal_prefixes_and_first_frame(pair):
+    """Causality in time: a prefix of the video encodes to a prefix of the latents, and back."""
+    _, ours = pair
+    x = _video(2, 9, 16, 24, seed=11)
+    mean, _ = ours.encode(x)
+    assert rel_err(ours.encode(x[:, :, :5])[0], mean[:, :, :2]) <= 1e-6
+    video = ours.decode(mean)
+    assert rel_err(ours.decode(mean[:, :, :2]), video[:, :, :5]) <= 1e-6
+    first = ours.decode_first_frame(mean)
+    assert first.shape == (2, 3, 1, 16, 24) and rel_err(first, video[:, :, :1]) <= 1e-6
+
+
+@torch.no_grad()
 def test_nontrivial_config_matches_diffusers(tmp_path):
     """2 res blocks, 3 levels (spatial /4), temporal /2 in the first level, z 4, base 6."""
     cfg = VAEConfig(base_dim=6, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=2, temperal_downsample=(True, False),
