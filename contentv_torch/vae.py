@@ -409,8 +409,8 @@ class WanVAE(nn.Module, PretrainedMixin):
     # ---- spatial tiling -----------------------------------------------------------------------
     def enable_tiling(self, tile_size=256, tile_stride=192) -> None:
         """Encode/decode inputs larger than `tile_size` pixels (int or (h, w)) in tiles `tile_stride` apart,
-        blended linearly over the overlap. Defaults (256, 192, diffusers') keep 480p/720p frames to 3x4 /
-        4x7 tiles of bounded memory."""
+        blended linearly over the overlap. Defaults (256, 192, diffusers'): 432x768 -> 3x4 tiles,
+        480x832 -> 3x5, 720x1280 -> 4x7, each 256x256 at most."""
         self.tiling = self._tile_args(tile_size, tile_stride)
 
     def disable_tiling(self) -> None:
