@@ -70,6 +70,15 @@ def _write_model_folder(transformer: Path, components: Path, root: Path, to: str
     _place(components / "model_index.json", root / "model_index.json", link=False)
 
 
+def _check_writable(dst: Path) -> None:
+    """Fail before any work if dst's nearest existing ancestor is not a writable folder."""
+    anc = dst.absolute().parent
+    while not anc.exists() and not anc.is_symlink():
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {dst}: {anc} is not a writable folder")
+
+
 def convert(src: str | Path, dst: str | Path, to: str, fmt: str | None = None, dtype: str | None = None,
             ema: bool = False, step: int | None = None, components: str | Path | None = None, link: bool = False,
             overwrite: bool = False, max_shard_bytes: int = 5 * 2**30, config: Any = None) -> Path:
@@ -86,6 +95,7 @@ def convert(src: str | Path, dst: str | Path, to: str, fmt: str | None = None, d
         raise FileExistsError(f"{dst} already exists (pass --overwrite to replace it)")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise ValueError(f"destination {dst} is the source or inside it")
+    _check_writable(dst)
     try:
         with atomic_dir(dst, overwrite=overwrite) as root:
             if fmt == "contentv-folder":
@@ -96,7 +106,7 @@ def convert(src: str | Path, dst: str | Path, to: str, fmt: str | None = None, d
                 _write_model_folder(src, Path(components), root, to, fmt, dtype, link, max_shard_bytes, **kw)
             else:
                 _write_component(src, root, to, fmt, dtype, max_shard_bytes, **kw)
-    except PermissionError as e:
+    except (PermissionError, NotADirectoryError) as e:
         raise PermissionError(f"cannot write {dst}: {e.strerror or e} ({e.filename or dst})") from None
     log.info("wrote %s", dst)
     return dst

@@ -220,7 +220,7 @@ def open_sd3_original(path: Path) -> Source:
     def read(key: str) -> np.ndarray:
         piece = table[key]
         full = names[piece.original]
-        return np.ascontiguousarray(sd3.apply(piece, files(index[full]).get_tensor(full)))
+        return np.asarray(sd3.apply(piece, files(index[full]).get_tensor(full)), order="C")
 
     src.read = read
     return src
@@ -282,7 +282,7 @@ def _source_from_flax_leaves(component: str, fmt: str, path: Path, cfg, flax_sha
 
     def read(key: str) -> np.ndarray:
         p, row, rule = kmap[key]
-        return np.ascontiguousarray(TO_TORCH[rule.kind](read_leaf_row(p, row)))
+        return np.asarray(TO_TORCH[rule.kind](read_leaf_row(p, row)), order="C")
 
     return Source(component, fmt, path, cfg, shapes, dtypes, read)
 
@@ -424,6 +424,8 @@ def open_source(path: str | Path, fmt: str | None = None, *, ema: bool = False, 
         raise FormatError(f"{path}: format {fmt!r} is not one model component; choose one of {list(COMPONENT_FORMATS)}")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
+    if fmt in ("sd3-original", "wan-original") and not path.is_file():
+        raise FormatError(f"{path}: format {fmt!r} is a single file, this is a folder")
     if fmt == "sd3-original":
         return open_sd3_original(path)
     if fmt == "wan-original":
@@ -496,7 +498,7 @@ def write_safetensors(folder: Path, planned: list[Planned], weights_name: str, i
         size += t.nbytes
     stem = weights_name[: -len(".safetensors")]
     names = [weights_name] if len(shards) == 1 else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    with tqdm(total=len(planned), desc=desc, unit="tensor") as bar:
+    with tqdm(total=len(planned), desc=desc, unit="tensor", disable=not log.isEnabledFor(logging.INFO)) as bar:
         for name, shard in zip(names, shards):
             _write_file(folder / name, shard, bar)
     if len(shards) > 1:
@@ -550,14 +552,11 @@ def plan_flax(src: Source, dtype: str | None = None) -> list[Planned]:
         rule, (path, row) = hits[0]
         leaf = leaves.setdefault(path, {"rule": rule, "rows": {}, "key": k})
         leaf["rows"][row] = k
-    covered = {r for leaf in leaves.values() for r in [leaf["rule"]]}
-    missing = [r.torch for r in rules if r not in covered]
     bad_rows = [f"{p} rows {sorted(set(range(l['rule'].stack[1] - l['rule'].stack[0])) - set(l['rows']))}"
                 for p, l in leaves.items() if l["rule"].stack and len(l["rows"]) != l["rule"].stack[1] - l["rule"].stack[0]]
-    if unexpected or missing or bad_rows:
+    if unexpected or bad_rows:
         raise KeyMismatchError(f"{src.path} ({src.format}): weights do not match the Flax model\n  "
-                               f"unexpected keys ({len(unexpected)}): {unexpected}\n  missing (rule templates) "
-                               f"({len(missing)}): {missing}\n  missing stacked layers: {bad_rows}")
+                               f"unexpected keys ({len(unexpected)}): {unexpected}\n  missing stacked layers: {bad_rows}")
     out = []
     for path in sorted(leaves):
         leaf = leaves[path]

@@ -127,10 +127,13 @@ def load_pth(path: str | Path) -> dict:
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"{path}: refused to unpickle: the file needs code execution (only plain tensors are loaded, "
-            f"torch.load(weights_only=True)). Details: {str(e).splitlines()[0]}"
-        ) from None
+        detail = next((ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln), str(e).splitlines()[0])
+        if "global" in detail.lower():  # the pickle calls a function / builds an object: code execution
+            raise UnsafeCheckpointError(
+                f"{path}: refused to unpickle: the file needs code execution (only plain tensors are loaded, "
+                f"torch.load(weights_only=True)). {detail}"
+            ) from None
+        raise ValueError(f"{path}: not a torch checkpoint (cannot unpickle: {detail})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
