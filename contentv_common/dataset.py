@@ -1,0 +1,487 @@
+"""Training data on disk: precomputed, normalised VAE latents + text embeddings in safetensors shards.
+
+Numpy only (bfloat16 shards need `ml_dtypes`), so JAX trainers and torch hosts both read it. Written by
+`python -m contentv_torch.encode_dataset`; read by `LatentDataset` (random access, one record at a time) and
+`ShardedLatentSource` (the trainer's `BatchSource`: bucketed global batches, exact resume, multi-host slices).
+
+A dataset folder:
+  manifest.json   {"format": "contentv-latents", "version": 1, "dtype": "float32" | "bfloat16",
+                   "latent_channels": C, "context_shape": [L, J], "pooled_dim": P,
+                   "temporal_factor": 4, "spatial_factor": 8, "fps": 24, "model": "<encoder folder>",
+                   "shards":  [{"file": "shards/<name>.safetensors", "bucket": [F, H, W], "rows": n,
+                                "latent_shape": [T, h, w, C], "sha256": "<of the file>"}, ...],
+                   "records": [{"shard": i, "row": r, "caption": str, "source": str, "kind": "video" | "image",
+                                "crc32": int}, ...],
+                   "skipped": [{"source": str, "reason": str}, ...]}
+  shards/*.safetensors   one bucket per shard, tensors
+                   latents [n, T, h, w, C]  normalised VAE posterior means ((z - mean) / std), channels-last,
+                   context [n, L, J]         SD3.5 prompt embeddings (L = 77 + T5 tokens, J = 4096 for the 8B),
+                   pooled  [n, P]            pooled CLIP projections (P = 2048 for the 8B).
+A record's crc32 covers its latents, context and pooled rows (stored bytes, in that order); the shard sha256
+covers the whole file (`LatentDataset.verify`). Pixel buckets (F, H, W) are frames (4k+1; 1 = an image) x
+height x width; the latent shape is (k+1, H/8, W/8, C).
+
+Why not Grain: Grain (installed) samples and shards *records* per host and batches them at one fixed size.
+The trainer needs *global* batches that are bucket-homogeneous, have a batch size per bucket, and are split
+row-wise across processes in process order (what `jax.make_array_from_process_local_data` assembles), with a
+JSON position stored in the trainer's own checkpoint. That is a custom sampler in Grain too, so the sampler
+here is ~60 lines of numpy over the manifest; rows are read with `os.pread` at offsets taken from the
+safetensors headers. `LatentDataset` implements Grain's `RandomAccessDataSource` protocol (`__len__`,
+`__getitem__`), so `grain.MapDataset.source(LatentDataset(path))` works for anyone who wants Grain's pipeline.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from contentv_common.weights import atomic_file
+
+log = logging.getLogger(__name__)
+
+FORMAT, VERSION = "contentv-latents", 1
+MANIFEST_NAME = "manifest.json"
+TENSORS = ("latents", "context", "pooled")  # per-row crc32 order; also the batch keys of the trainer
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+class CorruptDataError(ValueError):
+    """A shard or record that cannot be read or fails its checksum; the message names it."""
+
+
+class DatasetMismatchError(ValueError):
+    """A dataset whose shapes do not fit the model config (refused before training)."""
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    if name not in ("float32", "float16"):
+        raise ValueError(f"dataset dtype {name!r} unsupported; use float32, float16 or bfloat16")
+    return np.dtype(name)
+
+
+# ---- writing ----------------------------------------------------------------------------------------
+def row_crc32(latents: np.ndarray, context: np.ndarray, pooled: np.ndarray) -> int:
+    """crc32 of one record's stored bytes: latents [T, h, w, C], context [L, J], pooled [P] (in this order)."""
+    crc = 0
+    for a in (latents, context, pooled):
+        crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1), crc)
+    return crc
+
+
+def write_shard(path: str | Path, latents: np.ndarray, context: np.ndarray, pooled: np.ndarray,
+                dtype: str = "float32") -> tuple[dict, list[int]]:
+    """Write one shard atomically. latents [n, T, h, w, C], context [n, L, J], pooled [n, P], cast to `dtype`.
+    Returns (shard entry without "file"/"bucket": rows, latent_shape, sha256; the n record crc32s)."""
+    from safetensors.numpy import save_file
+
+    dt = _np_dtype(dtype)
+    arrays = {k: np.ascontiguousarray(np.asarray(a, np.float32).astype(dt)) for k, a in zip(TENSORS, (latents, context, pooled))}
+    n = arrays["latents"].shape[0]
+    if arrays["latents"].ndim != 5 or arrays["context"].ndim != 3 or arrays["pooled"].ndim != 2 or n == 0 \
+            or any(a.shape[0] != n for a in arrays.values()):
+        raise ValueError(f"write_shard {path}: need latents [n, T, h, w, C], context [n, L, J], pooled [n, P] with the "
+                         f"same n >= 1, got {[a.shape for a in arrays.values()]}")
+    crcs = [row_crc32(*(arrays[k][i] for k in TENSORS)) for i in range(n)]
+    with atomic_file(path) as tmp:
+        save_file(arrays, str(tmp), metadata={"format": FORMAT})
+        sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    return {"rows": n, "latent_shape": list(arrays["latents"].shape[1:]), "sha256": sha}, crcs
+
+
+def make_manifest(shards: list[dict], records: list[dict], vae_config, context_shape, pooled_dim: int,
+                  dtype: str = "float32", skipped: list[dict] | None = None, **extra) -> dict:
+    """The manifest dict (see the module docstring) of shard entries and records; `extra` adds fields (fps, model)."""
+    return {"format": FORMAT, "version": VERSION, "dtype": dtype, "latent_channels": vae_config.z_dim,
+            "context_shape": [int(v) for v in context_shape], "pooled_dim": int(pooled_dim),
+            "temporal_factor": vae_config.temporal_factor, "spatial_factor": vae_config.spatial_factor,
+            **extra, "shards": shards, "records": records, "skipped": skipped or []}
+
+
+def write_dataset(folder: str | Path, samples, vae_config, dtype: str = "float32", shard_rows: int = 64) -> Path:
+    """Write already-encoded samples as a dataset folder (tests, benchmarks, conversions of other datasets).
+    samples: iterable of dicts {"bucket": (F, H, W), "latents": [T, h, w, C], "context": [L, J], "pooled": [P],
+    "caption": str, "source": str}; consecutive samples of one bucket share shards of up to `shard_rows` rows."""
+    folder = Path(folder)
+    shards, records, pending = [], [], {}
+    context_shape = pooled_dim = None
+
+    def flush(bucket):
+        rows = pending.pop(bucket)
+        name = f"shards/s{len(shards):05d}-{'x'.join(map(str, bucket))}.safetensors"
+        entry, crcs = write_shard(folder / name, *(np.stack([r[k] for r in rows]) for k in TENSORS), dtype=dtype)
+        shards.append({"file": name, "bucket": list(bucket), **entry})
+        records.extend({"shard": len(shards) - 1, "row": j, "caption": r["caption"], "source": r["source"],
+                        "kind": "image" if bucket[0] == 1 else "video", "crc32": c} for j, (r, c) in enumerate(zip(rows, crcs)))
+
+    for smp in samples:
+        bucket = tuple(int(v) for v in smp["bucket"])
+        context_shape, pooled_dim = np.shape(smp["context"]), np.shape(smp["pooled"])[0]
+        pending.setdefault(bucket, []).append(smp)
+        if len(pending[bucket]) >= shard_rows:
+            flush(bucket)
+    for bucket in list(pending):
+        flush(bucket)
+    if not records:
+        raise ValueError(f"write_dataset {folder}: no samples")
+    write_manifest(folder, make_manifest(shards, records, vae_config, context_shape, pooled_dim, dtype))
+    return folder
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> Path:
+    """Write `folder/manifest.json` atomically (the dataset exists for readers once this file does)."""
+    path = Path(folder) / MANIFEST_NAME
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
+    return path
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Tensor:
+    offset: int  # absolute byte offset of row 0 in the file
+    row_bytes: int
+    shape: tuple[int, ...]  # whole tensor, [n, ...]
+
+
+def _read_header(path: Path, dtype: np.dtype) -> dict[str, _Tensor]:
+    """Parse a shard's safetensors header and check it against the file size; errors name the shard."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CorruptDataError(f"shard {path}: file missing") from None
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+        raise CorruptDataError(f"shard {path}: not a readable safetensors file ({e})") from None
+    out = {}
+    for k in TENSORS:
+        if k not in header:
+            raise CorruptDataError(f"shard {path}: tensor {k!r} missing (has {sorted(x for x in header if x != '__metadata__')})")
+        h = header[k]
+        a, b = h["data_offsets"]
+        shape = tuple(h["shape"])
+        if _ST_DTYPES.get(h["dtype"]) != dtype.name or b - a != int(np.prod(shape)) * dtype.itemsize or 8 + n + b > size:
+            raise CorruptDataError(f"shard {path}: tensor {k!r} ({h['dtype']} {list(shape)}, bytes {a}..{b}) does not "
+                                   f"match the manifest dtype {dtype.name} or the file size {size}")
+        out[k] = _Tensor(8 + n + a, (b - a) // max(shape[0], 1), shape)
+    return out
+
+
+class LatentDataset:
+    """Random access to the records of a dataset folder (Grain `RandomAccessDataSource` protocol).
+
+    ds[i] -> {"latents": [T, h, w, C], "context": [L, J], "pooled": [P]} float32, plus "caption", "source".
+    on_corrupt: "error" (default) raises `CorruptDataError` naming the shard (and row / record); "skip" drops
+    the records of unreadable shards at open (counted in `skipped_records`) and lets `read_rows` substitute
+    records that fail their checksum (counted by the caller).
+    """
+
+    def __init__(self, path: str | Path, on_corrupt: str = "error"):
+        if on_corrupt not in ("error", "skip"):
+            raise ValueError(f"on_corrupt={on_corrupt!r}: use 'error' or 'skip'")
+        self.path, self.on_corrupt = Path(path), on_corrupt
+        mpath = self.path / MANIFEST_NAME
+        if not mpath.is_file():
+            raise FileNotFoundError(f"dataset {self.path}: no {MANIFEST_NAME} (not a dataset folder, or its encoding "
+                                    "has not finished)")
+        try:
+            m = json.loads(mpath.read_text())
+            if m.get("format") != FORMAT:
+                raise ValueError(f"format {m.get('format')!r} is not {FORMAT!r}")
+            if m.get("version") != VERSION:
+                raise ValueError(f"version {m.get('version')!r} unsupported (this reader: {VERSION})")
+            self.shards, self.records = m["shards"], m["records"]
+            self.dtype = _np_dtype(m["dtype"])
+            self.latent_channels, self.context_shape = int(m["latent_channels"]), tuple(m["context_shape"])
+            self.pooled_dim = int(m["pooled_dim"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise CorruptDataError(f"dataset {self.path}: bad {MANIFEST_NAME} ({e!r})") from None
+        self.manifest = m
+        self.id = hashlib.sha256(mpath.read_bytes()).hexdigest()[:16]  # names this exact dataset in data states
+        self._headers: dict[int, dict[str, _Tensor]] = {}
+        self.bad_shards: list[str] = []
+        for i, s in enumerate(self.shards):
+            try:
+                hdr = _read_header(self.path / s["file"], self.dtype)
+                want = {"latents": (s["rows"], *s["latent_shape"]), "context": (s["rows"], *self.context_shape),
+                        "pooled": (s["rows"], self.pooled_dim)}
+                got = {k: hdr[k].shape for k in TENSORS}
+                if got != want:
+                    raise CorruptDataError(f"shard {self.path / s['file']}: shapes {got} differ from the manifest's {want}")
+                self._headers[i] = hdr
+            except CorruptDataError:
+                if on_corrupt == "error":
+                    raise
+                self.bad_shards.append(s["file"])
+                log.warning("dataset %s: skipping unreadable shard %s", self.path, s["file"])
+        self.valid = [i for i, r in enumerate(self.records) if r["shard"] in self._headers]
+        self.skipped_records = len(self.records) - len(self.valid)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def bucket_of(self, i: int) -> tuple[int, int, int]:
+        return tuple(self.shards[self.records[i]["shard"]]["bucket"])
+
+    def records_by_bucket(self) -> dict[tuple[int, int, int], list[int]]:
+        """(F, H, W) -> readable record ids, in manifest order."""
+        out: dict[tuple[int, int, int], list[int]] = {}
+        for i in self.valid:
+            out.setdefault(self.bucket_of(i), []).append(i)
+        return out
+
+    def _name(self, i: int) -> str:
+        r = self.records[i]
+        return f"record {i} ({r['source']!r}) in shard {self.path / self.shards[r['shard']]['file']} row {r['row']}"
+
+    def read_row(self, i: int) -> dict[str, np.ndarray] | None:
+        """Record i as stored-dtype arrays; None (on_corrupt="skip") or CorruptDataError when its crc32 fails."""
+        if not 0 <= i < len(self.records):
+            raise IndexError(f"dataset {self.path}: record {i} out of range ({len(self.records)} records)")
+        r = self.records[i]
+        hdr = self._headers.get(r["shard"])
+        if hdr is None:
+            raise CorruptDataError(f"{self._name(i)}: its shard is unreadable")
+        out, crc = {}, 0
+        with open(self.path / self.shards[r["shard"]]["file"], "rb") as f:
+            for k in TENSORS:
+                t = hdr[k]
+                buf = os.pread(f.fileno(), t.row_bytes, t.offset + r["row"] * t.row_bytes)
+                if len(buf) != t.row_bytes:
+                    raise CorruptDataError(f"{self._name(i)}: file truncated")
+                crc = zlib.crc32(buf, crc)
+                out[k] = np.frombuffer(buf, self.dtype).reshape(t.shape[1:])
+        if crc != r["crc32"]:
+            if self.on_corrupt == "skip":
+                return None
+            raise CorruptDataError(f"{self._name(i)}: checksum mismatch (crc32 {crc} != {r['crc32']}): corrupt data")
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.read_row(int(i))
+        if row is None:
+            raise CorruptDataError(f"{self._name(int(i))}: checksum mismatch: corrupt data")
+        r = self.records[int(i)]
+        return {**{k: v.astype(np.float32) for k, v in row.items()}, "caption": r["caption"], "source": r["source"]}
+
+    def verify(self) -> list[str]:
+        """Full check: every shard's sha256 against the manifest. Returns the shard files that fail."""
+        bad = []
+        for s in self.shards:
+            p = self.path / s["file"]
+            if not p.is_file() or hashlib.sha256(p.read_bytes()).hexdigest() != s["sha256"]:
+                bad.append(s["file"])
+        return bad
+
+    def check_compatible(self, preset) -> None:
+        """Refuse (DatasetMismatchError naming the dataset and both shapes) a dataset the model cannot train on:
+        latent channels, VAE factors, context [L, J] and pooled width must be the preset's."""
+        t, x, v = preset.text, preset.transformer, preset.vae
+        m = self.manifest
+        want = {"latent_channels": v.z_dim, "context_shape": (t.context_tokens, x.joint_attention_dim),
+                "pooled_dim": x.pooled_projection_dim, "temporal_factor": v.temporal_factor,
+                "spatial_factor": v.spatial_factor}
+        got = {"latent_channels": self.latent_channels, "context_shape": self.context_shape, "pooled_dim": self.pooled_dim,
+               "temporal_factor": m.get("temporal_factor"), "spatial_factor": m.get("spatial_factor")}
+        bad = [f"{k} {got[k]} (model: {want[k]})" for k in want if got[k] != want[k]]
+        for s in self.shards:
+            f, h, w = s["bucket"]
+            expect = [v.latent_frames(f), h // v.spatial_factor, w // v.spatial_factor, v.z_dim]
+            if list(s["latent_shape"]) != expect:
+                bad.append(f"shard {s['file']} latent shape {s['latent_shape']} for bucket {s['bucket']} (model: {expect})")
+                break
+        if bad:
+            raise DatasetMismatchError(f"dataset {self.path} does not fit model {preset.name}: " + "; ".join(bad))
+
+
+# ---- buckets and the trainer's batch source ---------------------------------------------------------
+def dynamic_batch_sizes(shapes: Sequence[tuple[int, int, int]], preset, tokens_per_step: int, multiple: int = 1) -> list:
+    """The paper's dynamic batch: per pixel shape (F, H, W), the batch whose video tokens per step
+    (batch * T * (h/p) * (w/p)) come nearest to `tokens_per_step` from below, a multiple of `multiple`
+    (at least `multiple`). -> [Bucket(F, H, W, batch)]."""
+    from contentv_jax.data import Bucket  # the trainer's Bucket type (a plain dataclass; no JAX import)
+
+    out = []
+    for f, h, w in shapes:
+        t, lh, lw, _ = Bucket(f, h, w, 1).latent_shape(preset)
+        p = preset.transformer.patch_size
+        tokens = t * (lh // p) * (lw // p)
+        out.append(Bucket(f, h, w, max(multiple, tokens_per_step // tokens // multiple * multiple)))
+    return out
+
+
+class ShardedLatentSource:
+    """The trainer's `BatchSource` over a dataset folder (see contentv_jax.data for the protocol).
+
+    buckets: the trainer's `Bucket`s (frames, height, width, global batch); dataset records of other shapes are
+        unused (logged); None = every bucket of the dataset (then `tokens_per_step` gives the batches).
+    tokens_per_step: if set, each bucket's batch comes from this token budget (`dynamic_batch_sizes`),
+        rounded to a multiple of process_count.
+    image_ratio: None = one stream over all buckets (every record once per epoch, images and videos in their
+        natural proportion); r in [0, 1] = two streams, the image buckets (1 frame) and the video buckets, each
+        with its own epochs, and each step draws an image batch with probability r.
+    Epoch e of a stream: each bucket's records permuted by (seed, stream, e), cut into global batches (the
+    remainder is dropped), the batches of all its buckets permuted. Step k's stream is drawn from (seed, k).
+    Process p of n gets rows [p B/n, (p+1) B/n) of each global batch and reads only those records.
+    state() = {"kind", "dataset" (manifest hash), "seed", "step", "streams": [[epoch, batch index], ...]}.
+    next() -> {"latents": [B_local, T, h, w, C], "context": [B_local, L, J], "pooled": [B_local, P]} float32;
+    `prefetch` batches are read ahead on threads (the position still counts only returned batches).
+    """
+
+    def __init__(self, path: str | Path, preset, buckets: Sequence | None = None, *, seed: int = 0,
+                 process_index: int = 0, process_count: int = 1, image_ratio: float | None = None,
+                 tokens_per_step: int | None = None, on_corrupt: str = "error", prefetch: int = 2):
+        from contentv_jax.data import Bucket
+
+        self.ds = LatentDataset(path, on_corrupt)
+        self.ds.check_compatible(preset)
+        self.seed, self.process_index, self.process_count = int(seed), int(process_index), int(process_count)
+        if not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        by_bucket = self.ds.records_by_bucket()
+        if buckets is None:
+            if not tokens_per_step:
+                raise ValueError("ShardedLatentSource: give buckets (with batch sizes) or tokens_per_step")
+            buckets = [Bucket(*s, 1) for s in sorted(by_bucket)]
+        if tokens_per_step:
+            buckets = dynamic_batch_sizes([(b.frames, b.height, b.width) for b in buckets], preset, int(tokens_per_step),
+                                          self.process_count)
+        unused = {s: len(ids) for s, ids in by_bucket.items() if s not in {(b.frames, b.height, b.width) for b in buckets}}
+        if unused:
+            log.warning("dataset %s: records of buckets %s are not in the training buckets; unused", self.ds.path, unused)
+        self.buckets, self._ids = [], []
+        for b in buckets:
+            b.latent_shape(preset)
+            if b.batch % self.process_count:
+                raise ValueError(f"bucket {b}: batch {b.batch} does not divide over {self.process_count} processes")
+            ids = by_bucket.get((b.frames, b.height, b.width), [])
+            if len(ids) < b.batch:
+                log.warning("dataset %s: bucket %s has %d records, fewer than one batch; unused", self.ds.path, b, len(ids))
+                continue
+            self.buckets.append(b)
+            self._ids.append(np.asarray(ids, np.int64))
+        if not self.buckets:
+            raise ValueError(f"dataset {self.ds.path}: no training bucket {list(buckets)} has a full batch of records "
+                             f"(dataset buckets: { {s: len(v) for s, v in by_bucket.items()} })")
+        images = [i for i, b in enumerate(self.buckets) if b.frames == 1]
+        videos = [i for i, b in enumerate(self.buckets) if b.frames != 1]
+        if image_ratio is None:
+            self.streams, self.weights = [list(range(len(self.buckets)))], np.ones(1)
+        else:
+            r = float(image_ratio)
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"image_ratio {image_ratio} must be in [0, 1]")
+            pairs = [(s, w) for s, w in ((images, r), (videos, 1.0 - r)) if w > 0]
+            for s, w in pairs:
+                if not s:
+                    kind = "image" if s is images else "video"
+                    raise ValueError(f"image_ratio {r}: the dataset {self.ds.path} has no full {kind} bucket among {list(buckets)}")
+            self.streams, self.weights = [s for s, _ in pairs], np.asarray([w for _, w in pairs])
+        self.weights = self.weights / self.weights.sum()
+        self.prefetch = int(prefetch)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, self.prefetch)) if self.prefetch > 0 else None
+        self._plans: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+        self.corrupt_records = 0  # records replaced after a failed checksum (on_corrupt="skip")
+        self._pos = self._start()
+        self._queue: collections.deque = collections.deque()
+        self._ahead = self._pos
+
+    # ---- the plan: a pure function of (seed, position) ----
+    def _start(self) -> dict:
+        return {"step": 0, "streams": [[0, 0] for _ in self.streams]}
+
+    def epoch_plan(self, stream: int, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """The global batches of one stream's epoch: [(bucket index, record ids [B])]."""
+        key = (stream, epoch)
+        if key not in self._plans:
+            rng = np.random.default_rng([self.seed, 7, stream, epoch])
+            batches = []
+            for bi in self.streams[stream]:
+                perm, n = rng.permutation(self._ids[bi]), self.buckets[bi].batch
+                batches += [(bi, perm[j * n:(j + 1) * n]) for j in range(len(perm) // n)]
+            self._plans = {k: v for k, v in self._plans.items() if k[0] != stream or k[1] >= epoch - 1}
+            self._plans[key] = [batches[j] for j in rng.permutation(len(batches))]
+        return self._plans[key]
+
+    def _advance(self, pos: dict) -> tuple[int, np.ndarray, dict]:
+        """position -> (bucket index, this process's record ids, next position)."""
+        k = pos["step"]
+        s = 0 if len(self.streams) == 1 else int(np.random.default_rng([self.seed, 11, k]).choice(len(self.streams), p=self.weights))
+        streams = [list(x) for x in pos["streams"]]
+        epoch, idx = streams[s]
+        plan = self.epoch_plan(s, epoch)
+        bi, ids = plan[idx]
+        streams[s] = [epoch, idx + 1] if idx + 1 < len(plan) else [epoch + 1, 0]
+        n, p, b = self.process_count, self.process_index, len(ids)
+        return bi, ids[p * b // n:(p + 1) * b // n], {"step": k + 1, "streams": streams}
+
+    def _read(self, ids: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        """Record ids -> stacked float32 arrays; rows failing their checksum (skip mode) are replaced by the
+        next good row of the slice. Returns (batch, number replaced)."""
+        rows = [self.ds.read_row(int(i)) for i in ids]
+        good = [r for r in rows if r is not None]
+        if not good:
+            raise CorruptDataError(f"dataset {self.ds.path}: every record of a batch slice is corrupt: {list(ids)}")
+        bad = [j for j, r in enumerate(rows) if r is None]
+        for j in bad:
+            rows[j] = good[j % len(good)]
+            log.warning("dataset %s: %s failed its checksum; replaced", self.ds.path, self.ds._name(int(ids[j])))
+        return {k: np.stack([r[k] for r in rows]).astype(np.float32) for k in TENSORS}, len(bad)
+
+    # ---- BatchSource ----
+    def next(self) -> dict[str, np.ndarray]:
+        while len(self._queue) < max(1, self.prefetch):
+            _, ids, self._ahead = self._advance(self._ahead)
+            job = self._pool.submit(self._read, ids) if self._pool else ids
+            self._queue.append((self._ahead, job))
+        pos, job = self._queue.popleft()
+        batch, replaced = job.result() if self._pool else self._read(job)
+        self.corrupt_records += replaced
+        self._pos = pos
+        return batch
+
+    def peek(self, count: int) -> list[tuple]:
+        """(Bucket, this process's record ids) of the next `count` batches; nothing is read, the position stays."""
+        pos, out = self._pos, []
+        for _ in range(count):
+            bi, ids, pos = self._advance(pos)
+            out.append((self.buckets[bi], ids))
+        return out
+
+    def state(self) -> dict:
+        return {"kind": "shards", "dataset": self.ds.id, "seed": self.seed, **json.loads(json.dumps(self._pos))}
+
+    def restore(self, state: dict) -> None:
+        if state.get("kind") != "shards" or state.get("dataset") != self.ds.id or state.get("seed") != self.seed:
+            raise ValueError(f"data state {state} is not a position of dataset {self.ds.path} (id {self.ds.id}) "
+                             f"with seed {self.seed}")
+        streams = state.get("streams")
+        if not isinstance(streams, list) or len(streams) != len(self.streams):
+            raise ValueError(f"data state {state}: {len(self.streams)} streams expected (buckets / image_ratio changed?)")
+        for f in self._queue:
+            if self._pool:
+                f[1].cancel()
+        self._queue.clear()
+        self._pos = {"step": int(state["step"]), "streams": [[int(e), int(i)] for e, i in streams]}
+        self._ahead = self._pos
+
+    def close(self) -> None:
+        if self._pool:
+            self._pool.shutdown(wait=False, cancel_futures=True)
