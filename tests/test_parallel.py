@@ -1,0 +1,115 @@
+"""Ulysses sequence parallelism + CFG parallelism on CPU: 2 gloo processes against one process.
+
+Video tokens 3 x 3 x 5 = 45 and text tokens 93 are both odd, so the split pads and masks; a 3-head
+attention on 2 ranks exercises the head padding.
+"""
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import rel_err
+from tiny_models import tiny_folder  # noqa: F401  (session fixture)
+from contentv_common.schedule import flow_match_sigmas
+from contentv_torch.parallel import token_layout
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _inputs(cfg):
+    g = torch.Generator().manual_seed(1)
+    b, heads_tokens = 2, 93
+    return {
+        "latents": torch.randn(b, cfg.in_channels, 3, 6, 10, generator=g),  # 48x80 pixels: 3 x 3 x 5 tokens
+        "embeds": torch.randn(b, heads_tokens, cfg.joint_attention_dim, generator=g),
+        "pooled": torch.randn(b, cfg.pooled_projection_dim, generator=g),
+        "neg_embeds": torch.randn(b, heads_tokens, cfg.joint_attention_dim, generator=g),
+        "neg_pooled": torch.randn(b, cfg.pooled_projection_dim, generator=g),
+        "sigmas": torch.from_numpy(flow_match_sigmas(3, shift=3.0)),
+        "qkv": torch.randn(3, 2, 3, 45, 8, generator=g),  # q, k, v [B=2, H=3, S=45, hd=8]
+    }
+
+
+def _denoise(dit, x):
+    from contentv_torch.pipeline import denoise
+
+    return denoise(dit, x["latents"], x["embeds"], x["pooled"], x["neg_embeds"], x["neg_pooled"], x["sigmas"],
+                   guidance=6.0, progress=False)
+
+
+def _worker(rank: int, port: int, folder: str, inputs_path: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from contentv_torch.attention import get_attention_backend
+    from contentv_torch.parallel import UlyssesAttention, init_parallel, make_state
+    from contentv_torch.transformer import ContentVTransformer3DModel
+
+    torch.set_num_threads(1)
+    # what torchrun sets; init_parallel starts the gloo group from it
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    sp = init_parallel("cpu", sp=WORLD)
+    assert (sp.sp, sp.cfg, sp.sp_rank, sp.device.type) == (WORLD, 1, rank, "cpu")
+    x = torch.load(inputs_path)
+    dit = ContentVTransformer3DModel.from_pretrained(folder, dtype=torch.float32)
+    dit.set_attention_backend("sdpa")
+    out = {}
+    # Ulysses attention alone: 3 heads on 2 ranks (zero-padded to 4), 45 tokens (padded to 46, masked).
+    q, k, v = x["qkv"]
+    nl, _, keep = token_layout(45, 0, WORLD, "cpu")
+    local = [torch.nn.functional.pad(t, (0, 0, 0, nl * WORLD - 45))[:, :, rank * nl : (rank + 1) * nl] for t in (q, k, v)]
+    o = UlyssesAttention(get_attention_backend("sdpa"), sp.sp_group, WORLD, keep)(*local)
+    parts = [torch.empty_like(o) for _ in range(WORLD)]
+    dist.all_gather(parts, o.contiguous(), group=sp.sp_group)
+    out["attention"] = torch.cat(parts, dim=2)[:, :, :45]
+    out["sp"] = _denoise(sp.wrap(dit), x)
+    out["cfg"] = _denoise(make_state(sp=1, cfg=WORLD).wrap(dit), x)
+    assert dit.attention_backend == "sdpa"  # the wrapper restores the backend after each call
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_token_layout_keeps_every_real_token_once():
+    nl, ll, keep = token_layout(5, 3, 4, "cpu")
+    assert (nl, ll) == (2, 1)
+    # gathered: rank r holds [video 2r, 2r+1 | text r]: [v0 v1 t0 | v2 v3 t1 | v4 pad t2 | pad pad pad]
+    assert keep.tolist() == [0, 1, 2, 3, 4, 5, 6, 8]
+    assert token_layout(4, 2, 2, "cpu")[2] is None
+
+
+def test_two_process_gloo_matches_single_process(tiny_folder, tmp_path):
+    from contentv_torch.transformer import ContentVTransformer3DModel
+
+    folder = str(tiny_folder / "transformer")
+    dit = ContentVTransformer3DModel.from_pretrained(folder, dtype=torch.float32)
+    dit.set_attention_backend("sdpa")
+    x = _inputs(dit.config)
+    torch.save(x, tmp_path / "inputs.pt")
+    expected = _denoise(dit, x)
+    q, k, v = x["qkv"]
+    expected_attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    mp.spawn(_worker, args=(_free_port(), folder, str(tmp_path / "inputs.pt"), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert rel_err(got["attention"], expected_attn) < 1e-6, rank
+        for mode in ("sp", "cfg"):
+            err = rel_err(got[mode], expected)
+            assert err < 1e-5, (rank, mode, err)
+    assert float(np.abs(expected.numpy()).mean()) > 0.1  # a real, non-trivial result
+
+
+def test_wrong_world_size_is_a_clear_error():
+    from contentv_torch.parallel import init_parallel
+
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node 2"):
+        init_parallel("cpu", sp=2)
