@@ -51,6 +51,7 @@ FORMATS: dict[str, str] = {
 }
 COMPONENT_FORMATS = ("sd3-original", "diffusers-transformer", "wan-original", "diffusers-vae", "flax", "orbax")
 
+ORBAX_GROUP_BYTES = 512 * 2**20  # leaves restored per orbax call (memory vs. number of restore calls)
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -135,6 +136,7 @@ class Source:
     dtypes: dict[str, np.dtype]
     read: Callable[[str], np.ndarray]
     dropped: tuple[str, ...] = ()
+    order: list[str] | None = None  # the cheapest reading order, when it matters (default: sorted keys)
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
 
     def close(self) -> None:
@@ -284,7 +286,8 @@ def _source_from_flax_leaves(component: str, fmt: str, path: Path, cfg, flax_sha
         p, row, rule = kmap[key]
         return np.asarray(TO_TORCH[rule.kind](read_leaf_row(p, row)), order="C")
 
-    return Source(component, fmt, path, cfg, shapes, dtypes, read)
+    order = sorted(kmap, key=lambda k: (kmap[k][0], kmap[k][1] or 0))  # leaf by leaf, rows in order
+    return Source(component, fmt, path, cfg, shapes, dtypes, read, order=order)
 
 
 def open_flax_folder(path: Path) -> Source:
@@ -345,20 +348,37 @@ def open_orbax(path: Path, ema: bool = False, step: int | None = None, config: A
     flax_dtypes = {p: np.dtype(m.dtype) for p, m in flat_meta.items()}
     if config is None:
         config = infer_transformer_config_from_flax(flax_shapes)
+    # Leaves are restored in groups of up to ORBAX_GROUP_BYTES (one restore call each; a bigger leaf alone),
+    # in the order the Source reads them, and dropped when the next group is restored.
+    groups: list[list[str]] = [[]]
+    size = 0
+    for p in sorted(flax_shapes):
+        n = int(np.prod(flax_shapes[p], dtype=np.int64)) * flax_dtypes[p].itemsize
+        if groups[-1] and size + n > ORBAX_GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += n
+    group_of = {p: i for i, g in enumerate(groups) for p in g}
     cache: dict[str, np.ndarray] = {}
 
     def read_leaf_row(p, row):
         if p not in cache:
-            cache.clear()  # one leaf at a time
+            cache.clear()
             target: dict = {}
-            node = target
-            for part in (*prefix, *p.split("/")[:-1]):
-                node = node.setdefault(part, {})
-            node[p.split("/")[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+            for q in groups[group_of[p]]:
+                node = target
+                for part in (*prefix, *q.split("/")[:-1]):
+                    node = node.setdefault(part, {})
+                node[q.split("/")[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
             restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(item=target, restore_args=target, partial_restore=True))
-            for part in (*prefix, *p.split("/")):
+            for part in prefix:
                 restored = restored[part]
-            cache[p] = np.asarray(restored)
+            for q in groups[group_of[p]]:
+                node = restored
+                for part in q.split("/"):
+                    node = node[part]
+                cache[q] = np.asarray(node)
         return cache[p][row] if row is not None else cache[p]
 
     return _source_from_flax_leaves("transformer", "orbax", path, config, flax_shapes, flax_dtypes, read_leaf_row)
@@ -534,7 +554,7 @@ def torch_config(src: Source) -> dict[str, Any]:
 def plan_torch(src: Source, dtype: str | None = None) -> list[Planned]:
     """Every tensor of the source under its diffusers key, cast to `dtype` (None: as stored)."""
     return [Planned(k, src.shapes[k], _out_dtype(src.dtypes[k], dtype), (lambda k=k: iter([src.read(k)])))
-            for k in sorted(src.shapes)]
+            for k in (src.order or sorted(src.shapes))]
 
 
 def plan_flax(src: Source, dtype: str | None = None) -> list[Planned]:

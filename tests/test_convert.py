@@ -278,18 +278,18 @@ def _tiny_train_checkpoint(path):
     from contentv_jax.transformer import ContentVTransformer
 
     p = TINY.patch_size
-    params = nn.unbox(ContentVTransformer(TINY).init(
-        jax.random.key(0), jnp.zeros((1, 1, p, p, 16)), jnp.zeros((1,)), jnp.zeros((1, 3, 32)), jnp.zeros((1, 32)))["params"])
-    params = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape), params)
+    init = jax.jit(lambda: nn.unbox(ContentVTransformer(TINY).init(
+        jax.random.key(0), jnp.zeros((1, 1, p, p, 16)), jnp.zeros((1,)), jnp.zeros((1, 3, 32)), jnp.zeros((1, 32)))["params"]))
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda x: np.asarray(x) + 0.01 * rng.standard_normal(x.shape).astype(np.float32), init())
     ema = jax.tree.map(lambda x: 0.5 * x + 0.25, params)
     tx = optax.adamw(1e-3)
-    state = TrainState(step=jnp.array(7, jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema,
-                       rng=jax.random.key(2), nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
+    state = TrainState(step=np.array(7, np.int32), params=params, opt_state=jax.jit(tx.init)(params), ema_params=ema,
+                       rng=jax.random.key(2), nonfinite=np.zeros((), np.int32), skipped=np.zeros((), np.int32))
     ck = Checkpointer(path, every=1, async_save=False)
     ck.save(7, state, {"epoch": 0}, force=True)
     ck.close()
-    to_np = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
-    return to_np(params), to_np(ema)
+    return params, ema
 
 
 @pytest.fixture(scope="module")
