@@ -12,7 +12,9 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import rel_err
-from tiny_models import tiny_folder  # noqa: F401  (session fixture)
+from tiny_models import one_torch_thread, tiny_folder  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 from contentv_common.schedule import flow_match_sigmas
 from contentv_torch.parallel import token_layout
 

@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import rel_err
-from tiny_models import tiny_folder  # noqa: F401  (session fixture)
+from tiny_models import one_torch_thread, tiny_folder  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS = ["a cat running on the street", "a big red bird flying over the sea at sunset"]
 NEGATIVE = "blue sky"
@@ -163,18 +165,12 @@ def test_cli_writes_mp4_and_latents_round_trip(tiny_folder, tmp_path, pipe):
     final = load_file(tmp_path / "final.safetensors")["latents"]
     api = pipe("a red car on the street at night", frames=9, height=32, width=64, steps=2, latents=noise, progress=False)
     torch.testing.assert_close(final, api.latents, rtol=1e-6, atol=1e-6)
-    # the final latents fed back in as noise give another video: the file was really read
-    again = _cli(tiny_folder, tmp_path, "--output", tmp_path / "b.mp4", "--latents-in", tmp_path / "final.safetensors",
-                 "--latents-out", tmp_path / "final2.safetensors")
-    assert again == [tmp_path / "b.mp4"]
     # the mp4 holds the pipeline's frames: H.264 subsamples chroma (4:2:0), so compare luma, which it keeps
-    # closely, against the distance to another video
-    other, _ = read_mp4(tmp_path / "b.mp4")
+    # closely (measured 2 levels), with the video's own spread around its mean (~20 levels)
     luma = lambda x: x.astype(float) @ np.array([0.299, 0.587, 0.114])  # noqa: E731
-    same_err = np.abs(luma(frames) - luma(api.frames[0])).mean()
-    other_err = np.abs(luma(other) - luma(api.frames[0])).mean()
-    assert same_err < 0.3 * other_err, (same_err, other_err)
-    assert rel_err(load_file(tmp_path / "final2.safetensors")["latents"], final) > 0.1
+    want = luma(api.frames[0])
+    err, spread = np.abs(luma(frames) - want).mean(), np.abs(want - want.mean()).mean()
+    assert err < 0.25 * spread, (err, spread)
 
 
 @pytest.mark.parametrize("case, error, match", [
@@ -204,3 +200,17 @@ def test_cli_errors_before_loading(tiny_folder, tmp_path, monkeypatch, case, err
     with pytest.raises(error, match=match):
         _cli(folder, tmp_path, *extra)
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_bf16_dit_close_to_fp32(pipe, tiny_folder):
+    """The accelerator default (bf16 DiT and text encoders, fp32 latents and VAE) on CPU; CFG 6 amplifies
+    the bf16 rounding, measured 2.9e-2."""
+    from contentv_torch.pipeline import ContentVPipeline
+
+    bf16 = ContentVPipeline.from_pretrained(tiny_folder, device="cpu", dtype=torch.bfloat16)
+    assert bf16.transformer.proj_out.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in bf16.vae.parameters())
+    kw = dict(seed=0, steps=4, output_type="latent", progress=False)
+    a, b = pipe(PROMPTS, **kw).latents, bf16(PROMPTS, **kw).latents
+    assert b.dtype == torch.float32
+    assert 1e-4 < rel_err(b, a) < 5e-2, rel_err(b, a)  # really ran in bf16, and close
