@@ -22,12 +22,16 @@ TO_FLAX = {
     "linear": lambda w: w.T,  # [out, in] -> [in, out]
     "conv2d": lambda w: w.transpose(2, 3, 1, 0),  # OIHW -> HWIO
     "conv3d": lambda w: w.transpose(2, 3, 4, 1, 0),  # OIDHW -> DHWIO
+    "gamma_c111": lambda w: w.reshape(-1),  # Wan RMS-norm gamma [C, 1, 1, 1] -> [C]
+    "gamma_c11": lambda w: w.reshape(-1),  # Wan RMS-norm gamma [C, 1, 1] -> [C]
 }
 TO_TORCH = {
     "copy": lambda w: w,
     "linear": lambda w: w.T,
     "conv2d": lambda w: w.transpose(3, 2, 0, 1),
     "conv3d": lambda w: w.transpose(4, 3, 0, 1, 2),
+    "gamma_c111": lambda w: w.reshape(-1, 1, 1, 1),
+    "gamma_c11": lambda w: w.reshape(-1, 1, 1),
 }
 
 
@@ -41,7 +45,7 @@ def _template_regex(template: str, sep: str) -> re.Pattern:
 class Rule:
     torch: str  # torch key template, e.g. "transformer_blocks.{i}.attn.to_q.weight"
     flax: str  # "/"-joined Flax path template, e.g. "blocks/attn/to_q/kernel"
-    kind: str = "copy"  # layout change: copy | linear | conv2d | conv3d
+    kind: str = "copy"  # layout change: copy | linear | conv2d | conv3d | gamma_c111 | gamma_c11
     stack: tuple[int, int] | None = None  # torch layers [a, b) -> rows of one stacked array
     _torch_re: Any = field(init=False, repr=False, compare=False)
     _flax_re: Any = field(init=False, repr=False, compare=False)
