@@ -98,6 +98,8 @@ def main(argv=None) -> list[Path]:
         latents = load_latents(args.latents_in)
         if latents.ndim != 5:
             raise ValueError(f"--latents-in {args.latents_in}: latents must be [B, z, T, h, w], got {tuple(latents.shape)}")
+        if args.num_videos not in (1, latents.shape[0]):
+            raise ValueError(f"--num-videos {args.num_videos} != the batch {latents.shape[0]} of --latents-in {args.latents_in}")
         n = latents.shape[0]
     shape = info.latent_shape(n, frames, height, width)  # raises for bad frames / sizes
     if latents is not None and tuple(latents.shape) != shape:

@@ -50,6 +50,11 @@ class ParallelState:
     def cfg_rank(self) -> int:
         return self.rank // self.sp
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x on every rank (in place)."""
+        dist.broadcast(x, src=0)
+        return x
+
     def wrap(self, transformer) -> "ParallelTransformer":
         return ParallelTransformer(transformer, self)
 

@@ -49,14 +49,15 @@ class ModelInfo:
     def latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
         """(B, z, T, h, w) for a video of `frames` x `height` x `width`; bad sizes raise ValueError."""
         latent_frames = self.vae.latent_frames(frames)  # raises for frames != 4k+1
-        m, s = self.preset_pixel_multiple, self.vae.spatial_factor
+        m, s = self.pixel_multiple, self.vae.spatial_factor
         if height < m or width < m or height % m or width % m:
             raise ValueError(f"height {height} and width {width} must be positive multiples of {m} "
                              f"(VAE factor {s} x patch {self.transformer.patch_size}); no rounding is done")
         return (batch, self.vae.z_dim, latent_frames, height // s, width // s)
 
     @property
-    def preset_pixel_multiple(self) -> int:
+    def pixel_multiple(self) -> int:
+        """Pixel sizes must be multiples of this: VAE spatial factor x patch size (16 for ContentV)."""
         return self.vae.spatial_factor * self.transformer.patch_size
 
 
@@ -306,6 +307,8 @@ class ContentVPipeline:
                                             do_classifier_free_guidance=guidance > 1.0,
                                             max_sequence_length=max_sequence_length)
         x = self.prepare_latents(shape, seed, generator) if latents is None else latents.to(self.device, torch.float32)
+        if self.parallel is not None:
+            x = self.parallel.broadcast(x)  # every rank denoises rank 0's noise, whatever the seeds
         with self._on_device(self.transformer):
             x = denoise(self._dit, x, emb.prompt_embeds, emb.pooled, emb.negative_embeds, emb.negative_pooled,
                         sigmas, guidance, progress=progress and (self.parallel is None or self.parallel.rank == 0))

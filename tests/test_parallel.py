@@ -19,6 +19,8 @@ from contentv_common.schedule import flow_match_sigmas
 from contentv_torch.parallel import token_layout
 
 WORLD = 2
+CLI_PROMPT = "a small dog running in the city"
+CLI_SIZE = ["--frames", "5", "--height", "48", "--width", "80", "--steps", "2"]  # 2 x 3 x 5 video tokens
 
 
 def _free_port() -> int:
@@ -77,7 +79,14 @@ def _worker(rank: int, port: int, folder: str, inputs_path: str, out_dir: str) -
     out["cfg"] = _denoise(make_state(sp=1, cfg=WORLD).wrap(dit), x)
     assert dit.attention_backend == "sdpa"  # the wrapper restores the backend after each call
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    # The CLI under "torchrun": a different seed per rank, so only rank 0's broadcast noise gives the expected video.
+    from contentv_torch.generate import main
+
+    written = main(["--model", os.path.dirname(folder), "--prompt", CLI_PROMPT, "--sp", str(WORLD), "--seed", str(rank),
+                    *CLI_SIZE, "--output", os.path.join(out_dir, "cli.mp4"),
+                    "--latents-out", os.path.join(out_dir, "cli.safetensors"), "--quiet"])
+    assert len(written) == (rank == 0)
+    assert not dist.is_initialized()  # the CLI closed the process group
 
 
 def test_token_layout_keeps_every_real_token_once():
@@ -108,6 +117,18 @@ def test_two_process_gloo_matches_single_process(tiny_folder, tmp_path):
             err = rel_err(got[mode], expected)
             assert err < 1e-5, (rank, mode, err)
     assert float(np.abs(expected.numpy()).mean()) > 0.1  # a real, non-trivial result
+
+    # the CLI run: rank 0's seed, sampled in one process
+    from safetensors.torch import load_file
+
+    from contentv_torch.pipeline import ContentVPipeline
+    from contentv_torch.video_io import read_mp4
+
+    single = ContentVPipeline.from_pretrained(tiny_folder, device="cpu")(
+        CLI_PROMPT, frames=5, height=48, width=80, steps=2, seed=0, output_type="latent", progress=False)
+    err = rel_err(load_file(tmp_path / "cli.safetensors")["latents"], single.latents)
+    assert err < 1e-5, err
+    assert read_mp4(tmp_path / "cli.mp4")[0].shape == (5, 48, 80, 3)
 
 
 def test_wrong_world_size_is_a_clear_error():
