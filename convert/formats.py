@@ -158,27 +158,60 @@ def _drop_ignored(component: str, shapes: dict, dtypes: dict) -> tuple[str, ...]
     return dropped
 
 
+class _SafetensorsFile:
+    """One safetensors file read with positioned reads, not mmap: the process holds only the arrays it asked
+    for (an mmap'ed 5 GB shard that is read through stays resident and counts in the RSS)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.raw = open(path, "rb", buffering=0)
+        try:
+            (n,) = struct.unpack("<Q", self.raw.read(8))
+            header = json.loads(self.raw.read(n))
+            header.pop("__metadata__", None)
+            self.entries = {k: (np.dtype(_ST_DTYPES[e["dtype"]]), tuple(e["shape"]), tuple(e["data_offsets"]))
+                            for k, e in header.items()}
+        except Exception as e:  # struct / JSON / unknown dtype
+            self.raw.close()
+            raise ValueError(f"{path}: not a readable safetensors file ({e!r})") from None
+        self.base = 8 + n
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor, or rows [a, b) of its leading axis."""
+        dtype, shape, (start, end) = self.entries[key]
+        if rows is not None:
+            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            start, end, shape = start + rows[0] * row_bytes, start + rows[1] * row_bytes, (rows[1] - rows[0], *shape[1:])
+        out = np.empty(shape, dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        self.raw.seek(self.base + start)
+        done = 0
+        while done < end - start:
+            got = self.raw.readinto(view[done:])
+            if not got:
+                raise ValueError(f"{self.path}: truncated data for {key}")
+            done += got
+        return out
+
+
 class _SafetensorsFiles:
-    """Open safetensors files (numpy framework) on demand, keyed by path; closed with the Source."""
+    """key -> its file, opened on demand and closed with the Source."""
 
-    def __init__(self, stack: contextlib.ExitStack):
-        self.stack, self.handles = stack, {}
+    def __init__(self, stack: contextlib.ExitStack, index: Mapping[str, Path]):
+        self.stack, self.index, self.handles = stack, index, {}
 
-    def __call__(self, f: Path):
-        from safetensors import safe_open
-
+    def __call__(self, key: str) -> _SafetensorsFile:
+        f = self.index[key]
         if f not in self.handles:
-            self.handles[f] = self.stack.enter_context(safe_open(f, framework="numpy"))
+            self.handles[f] = _SafetensorsFile(f)
+            self.stack.callback(self.handles[f].raw.close)
         return self.handles[f]
 
-
-def _header(files: _SafetensorsFiles, index: Mapping[str, Path]):
-    shapes, dtypes = {}, {}
-    for k, f in index.items():
-        sl = files(f).get_slice(k)
-        shapes[k] = tuple(sl.get_shape())
-        dtypes[k] = np.dtype(_ST_DTYPES[sl.get_dtype()])
-    return shapes, dtypes
+    def header(self, keys=None) -> tuple[dict, dict]:
+        shapes, dtypes = {}, {}
+        for k in self.index if keys is None else keys:
+            dtypes[k], shapes[k], _ = self(k).entries[k]
+        return shapes, dtypes
 
 
 def open_diffusers_folder(path: Path) -> Source:
@@ -186,11 +219,10 @@ def open_diffusers_folder(path: Path) -> Source:
     component = component_of_config(cfg_json, str(path))
     cfg = COMPONENTS[component].config_class.from_diffusers_config(cfg_json)
     src = Source(component, f"diffusers-{component}", path, cfg, {}, {}, lambda k: None)
-    files = _SafetensorsFiles(src._stack)
-    index = weight_index(path)
-    src.shapes, src.dtypes = _header(files, index)
+    files = _SafetensorsFiles(src._stack, weight_index(path))
+    src.shapes, src.dtypes = files.header()
     src.dropped = _drop_ignored(component, src.shapes, src.dtypes)
-    src.read = lambda k: files(index[k]).get_tensor(k)
+    src.read = lambda k: files(k).read(k)
     return src
 
 
@@ -198,15 +230,16 @@ def open_sd3_original(path: Path) -> Source:
     from convert import sd3_original as sd3
 
     src = Source("transformer", "sd3-original", path, None, {}, {}, lambda k: None)
-    files = _SafetensorsFiles(src._stack)
     index = weight_index(path)
+    files = _SafetensorsFiles(src._stack, index)
     names, skipped = sd3.strip_keys(index)
     if skipped:
         prefixes = sorted({k.split(".")[0] + "." for k in skipped})
         log.info("%s: skipping %d tensors of other bundled models (%s)", path, len(skipped), ", ".join(prefixes))
     if sd3.MARKER not in names:
         raise FormatError(f"{path}: not an SD3 original file (no {sd3.PREFIX}{sd3.MARKER})")
-    oshapes = {k: tuple(files(index[full]).get_slice(full).get_shape()) for k, full in names.items()}
+    fshapes, fdtypes = files.header(names.values())
+    oshapes = {k: fshapes[full] for k, full in names.items()}
     src.config = sd3.infer_config(oshapes)
     table = sd3.key_table(src.config, pos_embed="pos_embed" in oshapes)
     _check_names(set(oshapes), {p.original for p in table.values()}, f"{path} (SD3 original keys, without {sd3.PREFIX})")
@@ -216,13 +249,16 @@ def open_sd3_original(path: Path) -> Source:
         if piece.op == "qkv":
             shape[0] //= 3
         src.shapes[key] = tuple(shape)
-        src.dtypes[key] = np.dtype(_ST_DTYPES[files(index[o]).get_slice(o).get_dtype()])
+        src.dtypes[key] = fdtypes[o]
     src.dropped = _drop_ignored("transformer", src.shapes, src.dtypes)
 
     def read(key: str) -> np.ndarray:
         piece = table[key]
         full = names[piece.original]
-        return np.asarray(sd3.apply(piece, files(index[full]).get_tensor(full)), order="C")
+        if piece.op == "qkv":  # read only this third of the fused tensor
+            n = src.shapes[key][0]
+            return files(full).read(full, (piece.part * n, (piece.part + 1) * n))
+        return np.asarray(sd3.apply(piece, files(full).read(full)), order="C")
 
     src.read = read
     return src
@@ -295,13 +331,11 @@ def open_flax_folder(path: Path) -> Source:
     component = component_of_config(cfg_json, str(path))
     cfg = COMPONENTS[component].config_class.from_diffusers_config(cfg_json)
     stack = contextlib.ExitStack()
-    files = _SafetensorsFiles(stack)
-    index = weight_index(path)
-    shapes, dtypes = _header(files, index)
+    files = _SafetensorsFiles(stack, weight_index(path))
+    shapes, dtypes = files.header()
 
     def read_leaf_row(p, row):
-        sl = files(index[p]).get_slice(p)
-        return sl[row] if row is not None else files(index[p]).get_tensor(p)
+        return files(p).read(p, (row, row + 1))[0] if row is not None else files(p).read(p)
 
     src = _source_from_flax_leaves(component, "flax", path, cfg, shapes, dtypes, read_leaf_row)
     src._stack = stack
