@@ -64,3 +64,132 @@ def check_rules(rules=DEFAULT_RULES) -> None:
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Activation sharding constraint by logical names; a no-op outside a mesh / rules context."""
     return nn.with_logical_constraint(x, names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Meshes and placements (trainer side). STYLE #4: a mesh from (axis, size) pairs, -1 = the rest.
+
+
+def parse_mesh_spec(spec: str | dict | None) -> dict[str, int]:
+    """'data=2,fsdp=2,tensor=2' -> {'data': 2, 'fsdp': 2, 'tensor': 2, 'context': 1}.
+
+    Axes not named get size 1; at most one axis may be -1 ("the rest"). An empty spec means
+    fsdp=-1 (all devices on fsdp). Unknown axis names and bad sizes are errors naming the flag.
+    """
+    if spec is None or spec == "":
+        spec = {"fsdp": -1}
+    if isinstance(spec, str):
+        sizes: dict[str, int] = {}
+        for part in spec.split(","):
+            name, sep, value = part.strip().partition("=")
+            if not sep or not value.strip().lstrip("-").isdigit():
+                raise ValueError(f"--mesh {spec!r}: expected 'axis=size,...' (e.g. data=2,fsdp=-1), got {part!r}")
+            sizes[name.strip()] = int(value)
+        spec = sizes
+    unknown = sorted(set(spec) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"--mesh: unknown axes {unknown}; mesh axes are {MESH_AXES}")
+    sizes = {a: int(spec.get(a, 1)) for a in MESH_AXES}
+    bad = {a: s for a, s in sizes.items() if s == 0 or s < -1}
+    if bad or list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"--mesh {spec!r}: sizes must be positive, with at most one -1 (the rest)")
+    return sizes
+
+
+def create_mesh(spec: str | dict | None = None, devices=None) -> jax.sharding.Mesh:
+    """A `Mesh` with axes MESH_AXES (data, fsdp, tensor, context) over all (or the given) devices.
+
+    Axes are laid out in MESH_AXES order, slowest-varying first, so `tensor` and `context` (most
+    communication) land on neighbouring devices. Multi-host: `jax.devices()` spans every process.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh_spec(spec)
+    fixed = 1
+    for s in sizes.values():
+        fixed *= s if s != -1 else 1
+    for a, s in sizes.items():
+        if s == -1:
+            if len(devices) % fixed:
+                raise ValueError(f"--mesh {spec!r}: {len(devices)} devices do not divide by the fixed axes ({fixed})")
+            sizes[a] = len(devices) // fixed
+    total = 1
+    for s in sizes.values():
+        total *= s
+    if total != len(devices):
+        raise ValueError(f"--mesh {spec!r} = {sizes} needs {total} devices, there are {len(devices)}")
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(tuple(sizes.values()), devices)
+    except Exception:  # non-TPU / odd topologies: plain row-major order
+        import numpy as np
+
+        grid = np.asarray(devices, dtype=object).reshape(tuple(sizes.values()))
+    return jax.sharding.Mesh(grid, MESH_AXES)
+
+
+def _fit_spec(spec: jax.sharding.PartitionSpec, shape, mesh: jax.sharding.Mesh) -> jax.sharding.PartitionSpec:
+    """Replicate any dimension whose size the mesh axes it maps to do not divide (e.g. 2 heads on tensor=4)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = axes if isinstance(axes, tuple) else (axes,) if axes is not None else ()
+        n = 1
+        for a in names:
+            n *= mesh.shape[a]
+        out.append(axes if n == 1 or dim % n == 0 else None)
+    return jax.sharding.PartitionSpec(*out)
+
+
+def logical_to_mesh_spec(names, rules=DEFAULT_RULES) -> jax.sharding.PartitionSpec:
+    """Logical names of one array's dims -> a mesh PartitionSpec through `rules`.
+
+    Unlike `nn.logical_to_mesh_axes`, a logical name may repeat (conv kernels: ("kernel", "kernel", ...));
+    a mesh axis already used by an earlier dim is not used again (that dim is replicated).
+    """
+    table = dict(rules)
+    out, used = [], set()
+    for name in names:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis {name!r} has no sharding rule; rules name {sorted(table)}")
+        target = table[name]
+        axes = tuple(a for a in (target if isinstance(target, tuple) else (target,)) if a is not None and a not in used)
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return jax.sharding.PartitionSpec(*out)
+
+
+def logical_shardings(abstract_tree, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for a tree of (possibly `nn.Partitioned`-boxed) abstract arrays.
+
+    Leaves with logical names (from `nn.with_logical_partitioning`) are mapped through `rules`;
+    unannotated leaves (scalars, optimizer counters) are replicated; a dim the mesh axes do not divide
+    is replicated. Returns a tree shaped like the unboxed tree.
+    """
+    check_rules(rules)
+
+    def one(x):
+        names = x.names if isinstance(x, nn.Partitioned) else ()
+        shape = nn.meta.unbox(x).shape
+        spec = _fit_spec(logical_to_mesh_spec(names, rules), shape, mesh)
+        return jax.sharding.NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules=DEFAULT_RULES) -> jax.sharding.NamedSharding:
+    """Sharding of a batch array [B, ...]: B over the mesh axes of the logical 'batch' axis."""
+    spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
+    return jax.sharding.NamedSharding(mesh, spec)
+
+
+def batch_divisor(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> int:
+    """How many shards the batch axis is split into (global batch sizes must be multiples of it)."""
+    axes = batch_sharding(mesh, 1, rules).spec[0]
+    axes = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return n

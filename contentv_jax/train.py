@@ -1,0 +1,444 @@
+"""Flow-matching training of the ContentV MM-DiT, sharded over a device mesh.
+
+    python -m contentv_jax.train                       # tiny preset, built-in synthetic set, this CPU
+    python -m contentv_jax.train --config small/joint --mesh data=2,fsdp=-1 --steps 1000 \
+        --checkpoint-dir ckpt/ --metrics-file runs/small/metrics.jsonl
+    python -m contentv_jax.train --config contentv-8b/video_lowres --init-from sd35-large-converted/ ...
+
+Pieces (each usable alone): `build_model`, `create_train_state` (eval_shape -> shardings ->
+jit(init, out_shardings)), `make_train_step` (a pure function (state, batch) -> (state, metrics)),
+`StepCache` (one compiled step per bucket shape, with explicit in/out shardings and donation), `train`
+(the loop: checkpoints, resume, SIGTERM, non-finite skips, metrics, evaluation samples), `main` (the CLI).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from contentv_common.config import ModelPreset, get_preset
+from contentv_jax import configs as configs_lib
+from contentv_jax import sharding as shd
+from contentv_jax.checkpoint import Checkpointer, is_checkpoint_dir
+from contentv_jax.data import BATCH_KEYS, BATCH_NDIMS, BatchSource, make_source
+from contentv_jax.flow import flow_matching_loss
+from contentv_jax.metrics import MetricsWriter, peak_flops, train_step_flops
+from contentv_jax.optim import ema_update, lr_schedule, make_optimizer, tree_norm
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite losses / gradients."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """All loop state that changes per step (the data position is the batch source's `state()`).
+
+    step: [] int32 completed steps; params / ema_params: fp32 master weights; opt_state: optax state;
+    rng: the run's base key (the step key is fold_in(rng, step)); nonfinite: [] int32 consecutive
+    skipped updates; skipped: [] int32 total skipped updates.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    rng: jax.Array
+    nonfinite: jax.Array
+    skipped: jax.Array
+
+
+def build_model(config, preset: ModelPreset | None = None):
+    """The linen ContentVTransformer of `config.model` (compute dtype, fp32 params, remat, attention impl)."""
+    from contentv_jax.transformer import ContentVTransformer
+
+    preset = preset or get_preset(config.model)
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype {config.dtype!r} unknown; choose one of {sorted(DTYPES)}")
+    return ContentVTransformer(
+        preset.transformer, dtype=DTYPES[config.dtype], param_dtype=jnp.float32,
+        remat_policy=config.remat_policy, attention_impl=config.attention_impl,
+    )
+
+
+def _dummy_inputs(preset: ModelPreset, batch: int = 1):
+    """Smallest valid model inputs (one 2x2-patch latent frame): for init / eval_shape only."""
+    cfg, t = preset.transformer, preset.text
+    p = cfg.patch_size
+    return (jnp.zeros((batch, 1, p, p, cfg.in_channels)), jnp.zeros((batch,)),
+            jnp.zeros((batch, t.context_tokens, cfg.joint_attention_dim)), jnp.zeros((batch, cfg.pooled_projection_dim)))
+
+
+def create_train_state(model, tx, preset: ModelPreset, mesh, seed: int, rules=shd.DEFAULT_RULES,
+                       compiler_options: dict | None = None):
+    """(state, state_shardings): parameters are created already sharded, never whole on one host.
+
+    1. eval_shape the boxed init (logical axis names on every parameter, optimizer moment and EMA leaf);
+    2. map the names through `rules` to NamedShardings on `mesh` (unnamed leaves replicated);
+    3. jit(init, out_shardings=those) so each device only ever holds its shards.
+    """
+
+    def init_boxed(rng):
+        params = model.init(jax.random.fold_in(rng, 0), *_dummy_inputs(preset))["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+            ema_params=jax.tree.map(jnp.copy, params), rng=rng,
+            nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
+        )
+
+    # Init runs outside the rules context: only its output shardings matter, and flax's boxed-param
+    # constraints reject repeated logical names (conv kernels) that logical_shardings handles.
+    rng = jax.random.PRNGKey(seed)
+    abstract = jax.eval_shape(init_boxed, rng)
+    shardings = shd.logical_shardings(abstract, mesh, rules)
+    init = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings)
+    state = init.lower(rng).compile(compiler_options)(rng)
+    return state, shardings
+
+
+def abstract_with_shardings(tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings (restore targets)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def make_train_step(model, tx, config, patch_size: int) -> Callable:
+    """The pure train step: (state, batch) -> (state, metrics).
+
+    batch: latents [B, T, h, w, C], context [B, L, J], pooled [B, P] (one bucket shape).
+    Gradients are averaged over `optim.grad_accum` strided micro-batches (rows i*k + j form micro-batch
+    j, so each stays spread over the batch shards). A non-finite loss or gradient skips the update
+    (params, optimizer state and EMA keep their values) and is counted. metrics (flat, fp32 scalars):
+    loss, grad_norm, param_norm, update_norm, lr, skipped (this step), nonfinite (consecutive).
+    """
+    k = int(config.optim.grad_accum)
+    schedule = lr_schedule(config.optim, config.steps)
+
+    def apply_fn(params, x, t, c, p):
+        return model.apply({"params": params}, x, t, c, p)
+
+    def loss_fn(params, micro, rng):
+        return flow_matching_loss(apply_fn, params, micro, rng, config.flow, patch_size)[0]
+
+    def step_fn(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(state.rng, state.step)
+        b = batch["latents"].shape[0]
+        if b % k:
+            raise ValueError(f"batch {b} does not divide into optim.grad_accum={k} micro-batches")
+
+        def micro(j):  # [B, ...] -> rows j, j+k, ... : [B/k, ...]
+            return {n: shd.constrain(x.reshape(b // k, k, *x.shape[1:])[:, j], ("batch",) + (None,) * (x.ndim - 1))
+                    for n, x in batch.items()}
+
+        def accumulate(carry, j):
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, micro(j), jax.random.fold_in(rng, j))
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        if k == 1:
+            loss, grads = accumulate(zeros, 0)[0]
+        else:
+            loss, grads = jax.lax.scan(accumulate, zeros, jnp.arange(k))[0]
+        loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+
+        grad_norm = tree_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = jax.tree.map(jnp.add, state.params, updates)
+        new_ema = ema_update(state.ema_params, new_params, config.optim.ema_decay)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            ema_params=keep(new_ema, state.ema_params),
+            nonfinite=jnp.where(ok, 0, state.nonfinite + 1),
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "param_norm": tree_norm(new_state.params),
+            "update_norm": jnp.where(ok, tree_norm(updates), 0.0),
+            "lr": schedule(state.step - state.skipped),
+            "skipped": (~ok).astype(jnp.float32),
+            "nonfinite": new_state.nonfinite.astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    return step_fn
+
+
+def batch_shardings(mesh, rules=shd.DEFAULT_RULES) -> dict:
+    """NamedSharding per batch array: the leading batch axis over the mesh axes of logical 'batch'."""
+    return {n: shd.batch_sharding(mesh, nd, rules) for n, nd in BATCH_NDIMS.items()}
+
+
+class StepCache:
+    """Compiled train steps, one per batch shape (bucket): a second bucket compiles once and never
+    recompiles the first. jit with explicit in/out shardings; the state argument is donated.
+    compiler_options: XLA options for every compile (tests use {"xla_backend_optimization_level": 0})."""
+
+    def __init__(self, step_fn, state_shardings, mesh, rules=shd.DEFAULT_RULES, compiler_options: dict | None = None):
+        self.mesh, self.rules, self.compiler_options = mesh, rules, compiler_options
+        self.state_shardings = state_shardings
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self._jit = jax.jit(
+            step_fn,
+            in_shardings=(state_shardings, batch_shardings(mesh, rules)),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=(0,),
+        )
+        self.compiled: dict[tuple, Any] = {}
+        self.compiles = 0
+
+    @staticmethod
+    def key(batch) -> tuple:
+        return tuple((n, tuple(batch[n].shape), str(batch[n].dtype)) for n in BATCH_KEYS)
+
+    def __call__(self, state, batch):
+        key = self.key(batch)
+        fn = self.compiled.get(key)
+        if fn is None:
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                fn = self._jit.lower(state, batch).compile(self.compiler_options)
+            self.compiled[key] = fn
+            self.compiles += 1
+        return fn(state, batch)
+
+
+def place_batch(batch: dict, mesh, rules=shd.DEFAULT_RULES) -> dict:
+    """Process-local numpy rows -> global jax.Arrays sharded over the batch axes (multi-host safe)."""
+    missing = [n for n in BATCH_KEYS if n not in batch]
+    if missing:
+        raise ValueError(f"batch lacks {missing}; a batch holds {BATCH_KEYS}")
+    div = shd.batch_divisor(mesh, rules)
+    out = {}
+    for n, sharding in batch_shardings(mesh, rules).items():
+        x = np.asarray(batch[n], np.float32)
+        if x.ndim != BATCH_NDIMS[n]:
+            raise ValueError(f"batch[{n!r}] has shape {x.shape}; expected {BATCH_NDIMS[n]} dims (see contentv_jax.data)")
+        global_b = x.shape[0] * jax.process_count()
+        if global_b % div:
+            raise ValueError(f"global batch {global_b} ({n} {x.shape}) does not divide over the {div} batch shards of the mesh")
+        out[n] = jax.make_array_from_process_local_data(sharding, x)
+    return out
+
+
+def load_init_params(path: str, abstract_params, shardings):
+    """Params from `--init-from`: an earlier stage's checkpoint dir (its EMA-free params) or a converted
+    diffusers transformer folder (SD3.5 Large / ContentV). Shapes must match the model exactly."""
+    if is_checkpoint_dir(path):
+        ckpt = Checkpointer(path, every=1, async_save=False)
+        try:
+            return ckpt.restore_params(None, abstract_with_shardings(abstract_params, shardings))
+        finally:
+            ckpt.close()
+    if not Path(path, "config.json").is_file():
+        raise FileNotFoundError(f"--init-from {path}: neither a checkpoint dir of this trainer nor a diffusers folder with config.json")
+    from convert.transformer_keys import transformer_params_from_folder
+
+    _, loaded = transformer_params_from_folder(path)
+    flat_want = flax.traverse_util.flatten_dict(abstract_params, sep="/")
+    flat_got = flax.traverse_util.flatten_dict(loaded, sep="/")
+    if set(flat_want) != set(flat_got):
+        raise ValueError(f"--init-from {path}: parameter names differ; missing {sorted(set(flat_want) - set(flat_got))[:5]}, "
+                         f"unexpected {sorted(set(flat_got) - set(flat_want))[:5]}")
+    bad = [(k, flat_got[k].shape, flat_want[k].shape) for k in flat_want if tuple(flat_got[k].shape) != tuple(flat_want[k].shape)]
+    if bad:
+        raise ValueError(f"--init-from {path}: shape mismatch (name, file, model) {bad[:5]}")
+    flat_sh = flax.traverse_util.flatten_dict(shardings, sep="/")
+    placed = {k: jax.device_put(np.asarray(v, np.float32), flat_sh[k]) for k, v in flat_got.items()}
+    return flax.traverse_util.unflatten_dict(placed, sep="/")
+
+
+class _Sigterm:
+    """Turns SIGTERM into a flag the loop polls (save, then exit)."""
+
+    def __init__(self):
+        self.received = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.received = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = None, resume: str = "auto",
+          metrics_file: str | None = None, tb_dir: str | None = None, source: BatchSource | None = None,
+          log: Callable[[str], None] = print, compiler_options: dict | None = None, mesh=None) -> dict:
+    """Run `config.steps` steps; returns {"state", "history" (metrics per logged step), "compiles", "stopped"}.
+
+    mesh: a ready `Mesh` (else built from mesh_spec or config.mesh over all devices); source: a batch
+    source (else `make_source(config)`); compiler_options: XLA options for every compile.
+    """
+    preset = get_preset(config.model)
+    rules = shd.DEFAULT_RULES
+    shd.check_rules(rules)
+    mesh = mesh or shd.create_mesh(mesh_spec if mesh_spec is not None else config.mesh)
+    model = build_model(config, preset)
+    tx = make_optimizer(config.optim, config.steps)
+    state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules, compiler_options)
+    source = source or make_source(config, preset, jax.process_index(), jax.process_count())
+    ckpt = Checkpointer(checkpoint_dir, config.keep_checkpoints, config.checkpoint_every) if checkpoint_dir else None
+    writer = MetricsWriter(metrics_file, tb_dir or (Path(metrics_file).parent / "tb" if metrics_file else None),
+                           enabled=jax.process_index() == 0)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    log(f"model {config.model} ({n_params:,} params) stage {config.stage or '-'} mesh {dict(mesh.shape)} "
+        f"buckets {list(config.data.buckets)} steps {config.steps}")
+
+    # Resume order (STYLE #7): the restored pieces replace the fresh ones, each result kept (Avoid #3).
+    latest = ckpt.latest_step() if ckpt else None
+    if resume not in ("auto", "no") and not resume.isdigit():
+        raise ValueError(f"--resume {resume!r}: expected auto, no or a step number")
+    if latest is not None and resume == "no":
+        raise ValueError(f"--checkpoint-dir {checkpoint_dir} already holds step {latest}; use --resume auto or an empty dir")
+    resume_step = int(resume) if resume.isdigit() else latest if resume == "auto" else None
+    if resume_step is not None:
+        # 1. train state (params, optimizer, EMA, step, RNG, skip counters) straight into its shardings;
+        state, data_state = ckpt.restore(resume_step, abstract_with_shardings(state, state_shardings))
+        # 2. the data position, so the next batch is the one the killed run would have seen;
+        source.restore(data_state)
+        # 3. the metrics file forgets steps after the checkpoint (they are about to be redone).
+        writer.truncate_after(resume_step)
+        log(f"resumed from {checkpoint_dir} step {resume_step}")
+    elif config.init_from:
+        params = load_init_params(config.init_from, state.params, state_shardings.params)
+        copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_shardings.params)
+        state = state.replace(params=params, ema_params=copy(params))
+        log(f"initialised params from {config.init_from}")
+
+    steps_cache = StepCache(make_train_step(model, tx, config, preset.transformer.patch_size), state_shardings, mesh,
+                            rules, compiler_options)
+    peak = peak_flops(jax.devices()[0].device_kind, config.peak_tflops_per_device) * jax.device_count()
+    text_tokens = preset.text.context_tokens
+    sigterm = _Sigterm()
+    history, stopped = [], "done"
+    step = int(jax.device_get(state.step))
+    window_t, window_flops, window_tokens, window_steps = time.perf_counter(), 0.0, 0, 0
+    try:
+        while step < config.steps:
+            batch = place_batch(source.next(), mesh, rules)
+            compiles = steps_cache.compiles
+            state, metrics = steps_cache(state, batch)
+            step += 1
+            if steps_cache.compiles != compiles:  # compile time is not step time
+                jax.block_until_ready(metrics)
+                log(f"compiled the step for bucket {tuple(batch['latents'].shape)} (compile #{steps_cache.compiles})")
+                window_t, window_flops, window_tokens, window_steps = time.perf_counter(), 0.0, 0, 0
+            else:
+                b, t, h, w, _ = batch["latents"].shape
+                p = preset.transformer.patch_size
+                window_tokens += b * t * (h // p) * (w // p)
+                window_flops += train_step_flops(preset.transformer, (t, h, w), text_tokens, b)
+                window_steps += 1
+            if step % config.log_every == 0 or step == config.steps or sigterm.received:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.perf_counter() - window_t
+                if window_steps:
+                    m.update(steps_per_s=window_steps / dt, tokens_per_s=window_tokens / dt, mfu=window_flops / dt / peak)
+                history.append({"step": step, **m})
+                writer.write(step, m)
+                log(f"step {step:>6} loss {m['loss']:.4f} grad {m['grad_norm']:.3f} lr {m['lr']:.2e}"
+                    + (f" | {m['steps_per_s']:.2f} steps/s {m['tokens_per_s']:.0f} tok/s MFU {100 * m['mfu']:.2f}%"
+                       if window_steps else "")
+                    + (f" | skipped {int(m['nonfinite'])} in a row" if m["nonfinite"] else ""))
+                window_t, window_flops, window_tokens, window_steps = time.perf_counter(), 0.0, 0, 0
+                if m["nonfinite"] >= config.max_nonfinite:
+                    stopped = "nonfinite"
+                    raise NonFiniteError(
+                        f"step {step}: {int(m['nonfinite'])} consecutive non-finite losses/gradients "
+                        f"(max_nonfinite={config.max_nonfinite}); stopping. The last good checkpoint is "
+                        f"{checkpoint_dir} step {ckpt.latest_step() if ckpt else None}."
+                    )
+            if ckpt is not None:
+                nonfinite = int(jax.device_get(state.nonfinite)) if step % config.checkpoint_every == 0 else 0
+                if not nonfinite:  # never checkpoint in the middle of a run of skipped updates
+                    ckpt.save(step, state, source.state(), force=sigterm.received or step == config.steps)
+            if sigterm.received:
+                stopped = "sigterm"
+                log(f"SIGTERM: saved step {step} to {checkpoint_dir}; exiting")
+                break
+    finally:
+        sigterm.restore()
+        if ckpt is not None:
+            ckpt.close()
+        writer.close()
+    return {"state": state, "history": history, "compiles": steps_cache.compiles, "stopped": stopped}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m contentv_jax.train",
+        description="Flow-matching training of the ContentV MM-DiT on a device mesh. With no arguments: the tiny "
+                    "preset on the built-in synthetic captioned set, on this machine's devices.",
+    )
+    p.add_argument("--config", default="tiny", help="<model>[/<stage>]: model in tiny|small|contentv-8b, stage in "
+                   f"{'|'.join(configs_lib.STAGES)} (default: tiny = tiny/{configs_lib.STAGES[0]})")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--data", default=None, help="batch source: 'synthetic' (built in) or a dataset path (default: the config's)")
+    p.add_argument("--steps", type=int, default=None, help="total training steps (default: the config's)")
+    p.add_argument("--mesh", default=None, help="mesh axes sizes, e.g. data=2,fsdp=2,tensor=2 or fsdp=-1 "
+                   "(-1 = the remaining devices; axes data,fsdp,tensor,context; default: the config's, fsdp=-1)")
+    p.add_argument("--checkpoint-dir", default=None, help="orbax checkpoint directory (async, keep-N, on an interval, on SIGTERM)")
+    p.add_argument("--resume", default="auto", help="auto (default: latest checkpoint in --checkpoint-dir if any), no, or a step")
+    p.add_argument("--metrics-file", default=None, help="JSONL metrics, one record per logged step (step, loss, norms, "
+                   "steps/s, tokens/s, mfu); TensorBoard logs go to <its dir>/tb")
+    p.add_argument("--tb-dir", default=None, help="TensorBoard log dir (default: next to --metrics-file)")
+    p.add_argument("--init-from", default=None, help="converted SD3.5 Large / ContentV diffusers folder, or an earlier "
+                   "stage's --checkpoint-dir, to initialise the params from (ignored when resuming)")
+    p.add_argument("--log-every", type=int, default=None, help="log (and write metrics) every N steps")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=None, help="run seed (init, noise, data order)")
+    p.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                   help="multi-host: host:port of process 0 (env JAX_COORDINATOR_ADDRESS); enables jax.distributed")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+    return p
+
+
+def config_from_args(args) -> Any:
+    config = configs_lib.get_config(args.config)
+    configs_lib.apply_overrides(config, args.set)
+    for flag, field in (("data", "data.name"), ("steps", "steps"), ("init_from", "init_from"),
+                        ("log_every", "log_every"), ("checkpoint_every", "checkpoint_every"), ("seed", "seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            section, _, leaf = field.rpartition(".")
+            (config[section] if section else config)[leaf] = value
+    return config
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.coordinator_address or args.num_processes:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    config = config_from_args(args)
+    try:
+        out = train(config, mesh_spec=args.mesh, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                    metrics_file=args.metrics_file, tb_dir=args.tb_dir)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    h = out["history"]
+    if h:
+        print(f"done: {out['stopped']}; loss {h[0]['loss']:.4f} (step {h[0]['step']}) -> {h[-1]['loss']:.4f} (step {h[-1]['step']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
