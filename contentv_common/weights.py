@@ -118,6 +118,12 @@ def check_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tupl
         raise KeyMismatchError("\n  ".join(parts))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `dst`; on success it replaces `dst` in one rename, on error it is removed."""
@@ -126,6 +132,7 @@ def atomic_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{dst} already exists (pass overwrite to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should have the usual permissions
     try:
         yield tmp
         if dst.exists():
@@ -147,6 +154,7 @@ def atomic_file(dst: str | Path) -> Iterator[Path]:
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.stem}.tmp-", suffix=dst.suffix, dir=dst.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should have the usual permissions
     tmp = Path(tmp)
     try:
         yield tmp

@@ -6,6 +6,7 @@ Reference: `StableDiffusion3Pipeline.encode_prompt` on the folder's tiny CLIP / 
 """
 import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
@@ -160,6 +161,9 @@ def test_cli_writes_mp4_and_latents_round_trip(tiny_folder, tmp_path, pipe):
     written = _cli(tiny_folder, tmp_path, "--output", out, "--fps", 12, "--latents-in", tmp_path / "noise.safetensors",
                    "--latents-out", tmp_path / "final.safetensors", "--offload", "--tiled-vae")
     assert written == [out]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # normal permissions, not the temp file's 0600
     frames, fps = read_mp4(out)
     assert frames.shape == (9, 32, 64, 3) and fps == 12
     final = load_file(tmp_path / "final.safetensors")["latents"]
