@@ -25,9 +25,9 @@ Why not Grain: Grain (installed) samples and shards *records* per host and batch
 The trainer needs *global* batches that are bucket-homogeneous, have a batch size per bucket, and are split
 row-wise across processes in process order (what `jax.make_array_from_process_local_data` assembles), with a
 JSON position stored in the trainer's own checkpoint. That is a custom sampler in Grain too, so the sampler
-here is ~60 lines of numpy over the manifest; rows are read with `os.pread` at offsets taken from the
-safetensors headers. `LatentDataset` implements Grain's `RandomAccessDataSource` protocol (`__len__`,
-`__getitem__`), so `grain.MapDataset.source(LatentDataset(path))` works for anyone who wants Grain's pipeline.
+here is ~60 lines of numpy over the manifest; rows are read with `os.preadv` straight into the batch
+buffers, at offsets taken from the safetensors headers. `LatentDataset` implements Grain's
+`RandomAccessDataSource` protocol (`__len__`, `__getitem__`), so `grain.MapDataset.source(LatentDataset(path))` works for anyone who wants Grain's pipeline.
 """
 from __future__ import annotations
 
@@ -251,28 +251,44 @@ class LatentDataset:
         r = self.records[i]
         return f"record {i} ({r['source']!r}) in shard {self.path / self.shards[r['shard']]['file']} row {r['row']}"
 
-    def read_row(self, i: int) -> dict[str, np.ndarray] | None:
-        """Record i as stored-dtype arrays; None (on_corrupt="skip") or CorruptDataError when its crc32 fails."""
+    def row_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of record i's tensors: latents [T, h, w, C], context [L, J], pooled [P]."""
+        hdr = self._headers.get(self.records[i]["shard"])
+        if hdr is None:
+            raise CorruptDataError(f"{self._name(i)}: its shard is unreadable")
+        return {k: hdr[k].shape[1:] for k in TENSORS}
+
+    def read_into(self, i: int, out: dict[str, np.ndarray]) -> bool:
+        """Read record i into `out` (C-contiguous arrays of the stored dtype and `row_shapes(i)`), straight from
+        the file (one copy). False when its crc32 fails and on_corrupt="skip"; CorruptDataError otherwise."""
         if not 0 <= i < len(self.records):
             raise IndexError(f"dataset {self.path}: record {i} out of range ({len(self.records)} records)")
         r = self.records[i]
         hdr = self._headers.get(r["shard"])
         if hdr is None:
             raise CorruptDataError(f"{self._name(i)}: its shard is unreadable")
-        out, crc = {}, 0
-        with open(self.path / self.shards[r["shard"]]["file"], "rb") as f:
+        crc = 0
+        with open(self.path / self.shards[r["shard"]]["file"], "rb", buffering=0) as f:
             for k in TENSORS:
                 t = hdr[k]
-                buf = os.pread(f.fileno(), t.row_bytes, t.offset + r["row"] * t.row_bytes)
-                if len(buf) != t.row_bytes:
+                if not out[k].flags.c_contiguous:
+                    raise ValueError(f"read_into: out[{k!r}] must be C-contiguous")
+                buf = memoryview(out[k].reshape(-1).view(np.uint8))
+                if buf.nbytes != t.row_bytes:
+                    raise ValueError(f"read_into: out[{k!r}] has {buf.nbytes} bytes, record {i} needs {t.row_bytes}")
+                if os.preadv(f.fileno(), [buf], t.offset + r["row"] * t.row_bytes) != t.row_bytes:
                     raise CorruptDataError(f"{self._name(i)}: file truncated")
                 crc = zlib.crc32(buf, crc)
-                out[k] = np.frombuffer(buf, self.dtype).reshape(t.shape[1:])
         if crc != r["crc32"]:
             if self.on_corrupt == "skip":
-                return None
+                return False
             raise CorruptDataError(f"{self._name(i)}: checksum mismatch (crc32 {crc} != {r['crc32']}): corrupt data")
-        return out
+        return True
+
+    def read_row(self, i: int) -> dict[str, np.ndarray] | None:
+        """Record i as stored-dtype arrays; None (on_corrupt="skip") or CorruptDataError when its crc32 fails."""
+        out = {k: np.empty(s, self.dtype) for k, s in self.row_shapes(i).items()}
+        return out if self.read_into(i, out) else None
 
     def __getitem__(self, i: int) -> dict:
         row = self.read_row(int(i))
@@ -433,17 +449,22 @@ class ShardedLatentSource:
         return bi, ids[p * b // n:(p + 1) * b // n], {"step": k + 1, "streams": streams}
 
     def _read(self, ids: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
-        """Record ids -> stacked float32 arrays; rows failing their checksum (skip mode) are replaced by the
-        next good row of the slice. Returns (batch, number replaced)."""
-        rows = [self.ds.read_row(int(i)) for i in ids]
-        good = [r for r in rows if r is not None]
+        """Record ids -> stacked float32 arrays, read straight into the batch buffers; rows failing their
+        checksum (skip mode) are replaced by a good row of the slice. Returns (batch, number replaced)."""
+        shapes = self.ds.row_shapes(int(ids[0]))
+        batch = {k: np.empty((len(ids), *s), self.ds.dtype) for k, s in shapes.items()}
+        ok = [self.ds.read_into(int(i), {k: v[j] for k, v in batch.items()}) for j, i in enumerate(ids)]
+        good = [j for j, o in enumerate(ok) if o]
         if not good:
             raise CorruptDataError(f"dataset {self.ds.path}: every record of a batch slice is corrupt: {list(ids)}")
-        bad = [j for j, r in enumerate(rows) if r is None]
-        for j in bad:
-            rows[j] = good[j % len(good)]
+        bad = [j for j, o in enumerate(ok) if not o]
+        for n, j in enumerate(bad):
+            for v in batch.values():
+                v[j] = v[good[n % len(good)]]
             log.warning("dataset %s: %s failed its checksum; replaced", self.ds.path, self.ds._name(int(ids[j])))
-        return {k: np.stack([r[k] for r in rows]).astype(np.float32) for k in TENSORS}, len(bad)
+        if self.ds.dtype != np.float32:
+            batch = {k: v.astype(np.float32) for k, v in batch.items()}
+        return batch, len(bad)
 
     # ---- BatchSource ----
     def next(self) -> dict[str, np.ndarray]:
