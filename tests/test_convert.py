@@ -327,6 +327,9 @@ def test_train_checkpoint_to_torch_folder_and_whole_model(tmp_path, capsys, tiny
     mine = ours.state_dict()
     assert all(torch.equal(v.to(torch.bfloat16), mine[k]) for k, v in released.state_dict().items())
     assert _torch_state(dst / "vae").keys() == _torch_state(tiny_contentv_folder / "vae").keys()
+    assert _run(capsys, "--to", "torch", tmp_path / "ckpt", tmp_path / "linked", "--components", tiny_contentv_folder,
+                "--link") == (0, "")
+    assert (tmp_path / "linked" / "text_encoder_3").is_symlink() and not (tmp_path / "linked" / "transformer").is_symlink()
 
     # The whole ContentV folder -> JAX (transformer and VAE in the Flax format, the rest copied).
     assert _run(capsys, "--to", "jax", tiny_contentv_folder, tmp_path / "model.jax") == (0, "")
