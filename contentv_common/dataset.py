@@ -12,11 +12,13 @@ A dataset folder:
                                 "latent_shape": [T, h, w, C], "sha256": "<of the file>"}, ...],
                    "records": [{"shard": i, "row": r, "caption": str, "source": str, "kind": "video" | "image",
                                 "crc32": int}, ...],
-                   "skipped": [{"source": str, "reason": str}, ...]}
+                   "skipped": [{"source": str, "reason": str}, ...],
+                   "negative": {"file": "negative.safetensors", "prompt": ""}   (optional)}
   shards/*.safetensors   one bucket per shard, tensors
                    latents [n, T, h, w, C]  normalised VAE posterior means ((z - mean) / std), channels-last,
                    context [n, L, J]         SD3.5 prompt embeddings (L = 77 + T5 tokens, J = 4096 for the 8B),
                    pooled  [n, P]            pooled CLIP projections (P = 2048 for the 8B).
+  negative.safetensors   context [1, L, J], pooled [1, P]: the empty prompt's embeddings (the CFG negative).
 A record's crc32 covers its latents, context and pooled rows (stored bytes, in that order); the shard sha256
 covers the whole file (`LatentDataset.verify`). Pixel buckets (F, H, W) are frames (4k+1; 1 = an image) x
 height x width; the latent shape is (k+1, H/8, W/8, C).
@@ -139,6 +141,19 @@ def write_dataset(folder: str | Path, samples, vae_config, dtype: str = "float32
         raise ValueError(f"write_dataset {folder}: no samples")
     write_manifest(folder, make_manifest(shards, records, vae_config, context_shape, pooled_dim, dtype))
     return folder
+
+
+def write_negative(folder: str | Path, context: np.ndarray, pooled: np.ndarray, dtype: str = "float32",
+                   prompt: str = "") -> dict:
+    """Write the negative (empty) prompt's embeddings context [L, J], pooled [P] atomically; returns the
+    manifest's "negative" entry."""
+    from safetensors.numpy import save_file
+
+    dt = _np_dtype(dtype)
+    with atomic_file(Path(folder) / "negative.safetensors") as tmp:
+        save_file({"context": np.asarray(context, np.float32)[None].astype(dt),
+                   "pooled": np.asarray(pooled, np.float32)[None].astype(dt)}, str(tmp))
+    return {"file": "negative.safetensors", "prompt": prompt}
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> Path:
@@ -296,6 +311,23 @@ class LatentDataset:
             raise CorruptDataError(f"{self._name(int(i))}: checksum mismatch: corrupt data")
         r = self.records[int(i)]
         return {**{k: v.astype(np.float32) for k, v in row.items()}, "caption": r["caption"], "source": r["source"]}
+
+    def negative_prompt(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(context [L, J], pooled [P]) float32 of the stored negative (empty) prompt; None if the dataset has none."""
+        entry = self.manifest.get("negative")
+        if not entry:
+            return None
+        from safetensors import safe_open
+
+        path = self.path / entry["file"]
+        try:
+            with safe_open(path, framework="numpy") as f:
+                context, pooled = f.get_tensor("context")[0], f.get_tensor("pooled")[0]
+        except Exception as e:  # safetensors raises its own error types
+            raise CorruptDataError(f"dataset {self.path}: negative prompt file {path} unreadable ({e})") from None
+        if context.shape != self.context_shape or pooled.shape != (self.pooled_dim,):
+            raise CorruptDataError(f"{path}: shapes {context.shape} {pooled.shape} differ from the manifest's")
+        return context.astype(np.float32), pooled.astype(np.float32)
 
     def verify(self) -> list[str]:
         """Full check: every shard's sha256 against the manifest. Returns the shard files that fail."""
@@ -477,6 +509,18 @@ class ShardedLatentSource:
         self.corrupt_records += replaced
         self._pos = pos
         return batch
+
+    def eval_prompts(self, n: int) -> dict:
+        """The trainer's evaluation prompts: the first n readable records' captions ("names") and embeddings
+        (context [n, L, J], pooled [n, P]); negatives = the stored empty prompt, or zeros if the dataset has none."""
+        ids = self.ds.valid[:n]
+        rows = [self.ds[i] for i in ids]
+        context, pooled = np.stack([r["context"] for r in rows]), np.stack([r["pooled"] for r in rows])
+        neg = self.ds.negative_prompt()
+        neg_c, neg_p = (np.zeros_like(context[0]), np.zeros_like(pooled[0])) if neg is None else neg
+        return {"names": [r["caption"] for r in rows], "context": context, "pooled": pooled,
+                "neg_context": np.broadcast_to(neg_c, context.shape).copy(),
+                "neg_pooled": np.broadcast_to(neg_p, pooled.shape).copy()}
 
     def peek(self, count: int) -> list[tuple]:
         """(Bucket, this process's record ids) of the next `count` batches; nothing is read, the position stays."""

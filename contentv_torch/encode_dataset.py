@@ -11,7 +11,7 @@ the start of the clip; frames are resized to cover the bucket (antialiased bilin
 Encoding: the PyTorch Wan VAE (fp32) gives the posterior mean [B, 16, T, h, w], normalised per channel and
 stored channels-last [B, T, h, w, 16]; the three SD3.5 text encoders give context [B, 77 + L_t5, 4096] and
 pooled [B, 2048] (tiny models: their widths). Unreadable, missing or too-short files are skipped, logged and
-listed under "skipped" in the manifest.
+listed under "skipped" in the manifest. The empty prompt's embeddings are stored too (negative.safetensors).
 
 Work is cut into chunks of --shard-size input lines; chunk k writes one shard per bucket
 (`shards/c<k>-<F>x<H>x<W>.safetensors`) and then `chunks/c<k>.json`, both atomically. A rerun with the same
@@ -302,8 +302,15 @@ def encode_dataset(args, encoder: Encoder | None = None) -> dict:
         raise ValueError(f"--output {out}: every input was skipped; nothing to write")
     with safe_open(out / shards[0]["file"], framework="numpy") as f:  # text shapes from a shard header
         context_shape, pooled_dim = f.get_slice("context").get_shape()[1:], f.get_slice("pooled").get_shape()[1]
+    if enc is not None or not (out / "negative.safetensors").is_file():  # the CFG negative: the empty prompt
+        enc = enc or Encoder(args.model, args.device, getattr(torch, args.text_dtype), args.max_sequence_length)
+        neg_context, neg_pooled = enc.encode_text([""])
+        negative = fmt.write_negative(out, neg_context[0], neg_pooled[0], args.store_dtype)
+    else:
+        negative = {"file": "negative.safetensors", "prompt": ""}
     manifest = fmt.make_manifest(shards, records, vae, context_shape, pooled_dim, args.store_dtype, skipped,
-                                 fps=args.fps, model=settings["model"], buckets=[list(b) for b in buckets])
+                                 fps=args.fps, model=settings["model"], buckets=[list(b) for b in buckets],
+                                 negative=negative)
     fmt.write_manifest(out, manifest)
     counts: dict[str, int] = {}
     for s in shards:

@@ -147,6 +147,15 @@ def test_image_ratio_and_dynamic_batches(data):
     assert {(b.frames, b.batch) for b in src.buckets} == {(9, 2), (1, 6)}
 
 
+def test_eval_prompts_are_the_first_records(data):
+    path, samples = data
+    ev = _source(path).eval_prompts(3)
+    ds = LatentDataset(path)
+    assert ev["names"] == [ds[i]["caption"] for i in range(3)]
+    np.testing.assert_array_equal(ev["context"][2], ds[2]["context"])
+    assert ev["neg_context"].shape == (3, TINY.text.context_tokens, 32) and not ev["neg_context"].any()  # no negative stored
+
+
 def test_make_source_takes_a_dataset_folder(data):
     path, _ = data
     c = ml_collections.ConfigDict({"seed": 0, "data": {"name": str(path), "buckets": [(9, 32, 48, 4), (1, 32, 48, 2)],

@@ -88,11 +88,16 @@ def test_encoded_records_are_the_encoders_outputs(encoded, encoder, media):
         assert rel_err(rec["latents"], latents) < 1e-5
         assert rel_err(rec["context"], context[0]) < 1e-5 and rel_err(rec["pooled"], pooled[0]) < 1e-5
         assert np.abs(rec["latents"]).mean() > 0.05  # normalised, not zeros
+    neg_context, neg_pooled = encoder.encode_text([""])
+    stored_neg = ds.negative_prompt()
+    assert rel_err(stored_neg[0], neg_context[0]) < 1e-6 and rel_err(stored_neg[1], neg_pooled[0]) < 1e-6
     # the trainer's source returns exactly the stored rows
     src = ShardedLatentSource(out, get_preset("tiny"), [Bucket(1, 32, 48, 2)], prefetch=0)
     batch = src.next()
     stored = np.stack([ds[i]["latents"] for i in range(len(ds)) if ds.bucket_of(i)[0] == 1])
     assert {x.tobytes() for x in batch["latents"]} == {x.tobytes() for x in stored}
+    ev = src.eval_prompts(2)
+    np.testing.assert_array_equal(ev["neg_context"][1], stored_neg[0])
 
 
 def test_skipped_files_are_reported(encoded):
