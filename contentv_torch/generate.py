@@ -1,4 +1,4 @@
-"""Text-to-video from a ContentV folder: `python -m contentv_torch.generate --model DIR --prompt "..." --output out.mp4`.
+"""Text-to-video from a ContentV folder: `python -m contentv_torch.generate --model DIR --prompt "..."`.
 
 One device:      python -m contentv_torch.generate --model ContentV-8B --prompt "a fox in snow" --seed 0
 24 GB GPU:       ... --offload --tiled-vae
@@ -43,10 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--output", default="output.mp4", help="mp4 path (written atomically)")
     ap.add_argument("--fps", type=float, default=24)
     ap.add_argument("--device", default="auto", help="auto | cuda[:i] | npu[:i] | cpu")
-    ap.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="DiT + text encoders (auto: bf16 on GPU/NPU, fp32 on CPU)")
+    ap.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+                    help="DiT + text encoders (auto: bf16 on GPU/NPU, fp32 on CPU)")
     ap.add_argument("--latents-in", help="safetensors with `latents` [B, 16, T, h, w]: the initial noise")
     ap.add_argument("--latents-out", help="write the final latents (before the VAE) here, key `latents`")
-    ap.add_argument("--offload", action="store_true", help="model CPU offload: each model on the device only while used")
+    ap.add_argument("--offload", action="store_true",
+                    help="model CPU offload: each model on the device only while used")
     ap.add_argument("--tiled-vae", action="store_true", help="decode in overlapping spatial tiles (less memory)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the DiT")
     ap.add_argument("--sp", type=int, default=None, help="Ulysses sequence-parallel degree (under torchrun; default: "
@@ -97,14 +99,17 @@ def main(argv=None) -> list[Path]:
     if args.latents_in:
         latents = load_latents(args.latents_in)
         if latents.ndim != 5:
-            raise ValueError(f"--latents-in {args.latents_in}: latents must be [B, z, T, h, w], got {tuple(latents.shape)}")
+            raise ValueError(f"--latents-in {args.latents_in}: latents must be [B, z, T, h, w], "
+                             f"got {tuple(latents.shape)}")
         if args.num_videos not in (1, latents.shape[0]):
-            raise ValueError(f"--num-videos {args.num_videos} != the batch {latents.shape[0]} of --latents-in {args.latents_in}")
+            raise ValueError(f"--num-videos {args.num_videos} != the batch {latents.shape[0]} "
+                             f"of --latents-in {args.latents_in}")
         n = latents.shape[0]
     shape = info.latent_shape(n, frames, height, width)  # raises for bad frames / sizes
     if latents is not None and tuple(latents.shape) != shape:
         raise ValueError(f"--latents-in {args.latents_in}: shape {tuple(latents.shape)} does not match {shape} "
-                         f"= [B, z, (frames-1)/4+1, height/8, width/8] for --frames {frames} --height {height} --width {width}")
+                         f"= [B, z, (frames-1)/4+1, height/8, width/8] for --frames {frames} --height {height} "
+                         f"--width {width}")
     outputs = video_paths(args.output, n)
     for path in outputs + ([Path(args.latents_out)] if args.latents_out else []):
         check_writable(path)
@@ -131,9 +136,10 @@ def main(argv=None) -> list[Path]:
     if rank0:
         if args.latents_out:
             save_latents(args.latents_out, out.latents)
-        for path, video in zip(outputs, out.frames):
+        for path, video in zip(outputs, out.frames, strict=True):
             written.append(write_mp4(path, video, fps=args.fps))
-            log.info("wrote %s (%d frames, %dx%d, %g fps)", path, video.shape[0], video.shape[2], video.shape[1], args.fps)
+            f, h, w = video.shape[:3]
+            log.info("wrote %s (%d frames, %dx%d, %g fps)", path, f, w, h, args.fps)
     if parallel is not None:
         parallel.close()
     return written

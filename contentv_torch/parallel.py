@@ -153,14 +153,14 @@ class UlyssesAttention:
         return _heads_to_seq(o.contiguous(), p, self.group)[:, :h]
 
 
-def token_layout(n: int, l: int, p: int, device) -> tuple[int, int, torch.Tensor | None]:
-    """Per-rank lengths of n video and l text tokens split over p ranks, and the indices of the real tokens
+def token_layout(n: int, m: int, p: int, device) -> tuple[int, int, torch.Tensor | None]:
+    """Per-rank lengths of n video and m text tokens split over p ranks, and the indices of the real tokens
     in the gathered sequence [rank 0: video chunk | text chunk, rank 1: ...] (None when nothing is padded)."""
-    nl, ll = math.ceil(n / p), math.ceil(l / p)
-    if nl * p == n and ll * p == l:
+    nl, ll = math.ceil(n / p), math.ceil(m / p)
+    if nl * p == n and ll * p == m:
         return nl, ll, None
     keep = [r * (nl + ll) + i for r in range(p) for i in range(nl) if r * nl + i < n]
-    keep += [r * (nl + ll) + nl + j for r in range(p) for j in range(ll) if r * ll + j < l]
+    keep += [r * (nl + ll) + nl + j for r in range(p) for j in range(ll) if r * ll + j < m]
     return nl, ll, torch.tensor(sorted(keep), device=device)
 
 
@@ -205,8 +205,8 @@ class ParallelTransformer(torch.nn.Module):
         tr, st = self.transformer, self.state
         x, ctx, temb = tr.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep)
         if st.sp > 1:
-            n, l = x.shape[1], ctx.shape[1]
-            nl, ll, keep = token_layout(n, l, st.sp, x.device)
+            n = x.shape[1]
+            nl, ll, keep = token_layout(n, ctx.shape[1], st.sp, x.device)
             x, ctx = _shard(x, nl, st.sp_rank), _shard(ctx, ll, st.sp_rank)  # [B, N/sp, D], [B, L/sp, D]
             saved = tr.attention_backend
             tr.set_attention_backend(UlyssesAttention(self.inner, st.sp_group, st.sp, keep))

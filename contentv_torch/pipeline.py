@@ -69,8 +69,9 @@ def read_scheduler_config(path: str | Path) -> tuple[float, int]:
         raise ValueError(f"{path}: scheduler {cfg['_class_name']!r} is not supported (only {SCHEDULER_CLASS})")
     bad = {k: cfg[k] for k, off in _UNSUPPORTED_SCHEDULER_OPTIONS.items() if k in cfg and cfg[k] != off}
     if bad:
+        off = {k: _UNSUPPORTED_SCHEDULER_OPTIONS[k] for k in bad}
         raise ValueError(f"{path}: unsupported scheduler options {bad}; this sampler implements the fixed-shift "
-                         f"flow-matching Euler schedule only (set them to {[_UNSUPPORTED_SCHEDULER_OPTIONS[k] for k in bad]})")
+                         f"flow-matching Euler schedule only (inactive values: {off})")
     unknown = sorted(set(cfg) - set(_UNSUPPORTED_SCHEDULER_OPTIONS) - _IGNORED_SCHEDULER_OPTIONS
                      - {"shift", "num_train_timesteps"} - {k for k in cfg if k.startswith("_")})
     if unknown:
@@ -165,7 +166,8 @@ def denoise(
         raise ValueError(f"guidance {guidance} > 1 needs negative prompt embeddings")
     b = latents.shape[0]
     if prompt_embeds.shape[0] != b or pooled.shape[0] != b:
-        raise ValueError(f"latents batch {b} != prompt_embeds batch {prompt_embeds.shape[0]} / pooled {pooled.shape[0]}")
+        raise ValueError(f"latents batch {b} != prompt_embeds batch {prompt_embeds.shape[0]} "
+                         f"/ pooled batch {pooled.shape[0]}")
     ctx = torch.cat([neg_embeds, prompt_embeds]) if cfg else prompt_embeds
     pool = torch.cat([neg_pooled, pooled]) if cfg else pooled
     sigmas = torch.as_tensor(np.asarray(sigmas, np.float32))
@@ -230,6 +232,7 @@ class ContentVPipeline:
         tiled_vae: decode in overlapping spatial tiles. compile: `torch.compile` the DiT.
         attention: backend name ("sdpa", "npu"; None: by device). parallel: a `parallel.ParallelState`.
         """
+        from contentv_torch.attention import default_backend_for
         from contentv_torch.text import TextEncoders
         from contentv_torch.transformer import ContentVTransformer3DModel
         from contentv_torch.vae import WanVAE
@@ -240,7 +243,7 @@ class ContentVPipeline:
         home = torch.device("cpu") if offload else device
         text = TextEncoders.from_pretrained(info.folder, dtype=dtype, device=home)
         dit = ContentVTransformer3DModel.from_pretrained(info.folder / "transformer", dtype=dtype, device=home)
-        dit.set_attention_backend(attention or ("npu" if device.type == "npu" else "sdpa"))
+        dit.set_attention_backend(attention or default_backend_for(device))
         vae = WanVAE.from_pretrained(info.folder / "vae", dtype=torch.float32, device=home)
         if tiled_vae:
             vae.enable_tiling()
@@ -298,7 +301,8 @@ class ContentVPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         shape = self.info.latent_shape(len(prompts) * num_videos_per_prompt, frames, height, width)
         if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {len(prompts)} prompt(s) "
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for "
+                             f"{len(prompts)} prompt(s) "
                              f"x {num_videos_per_prompt} video(s) of {frames} frames at {height}x{width}")
         sigmas = flow_match_sigmas(steps, self.info.shift, self.info.num_train_timesteps)
 

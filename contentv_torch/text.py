@@ -55,7 +55,8 @@ class TextEncoders(torch.nn.Module):
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: not a model folder (no hub access here: pass a local directory)")
-        toks = [AutoTokenizer.from_pretrained(_subfolder(folder, f"tokenizer{s}"), local_files_only=True) for s in ("", "_2", "_3")]
+        toks = [AutoTokenizer.from_pretrained(_subfolder(folder, f"tokenizer{s}"), local_files_only=True)
+                for s in ("", "_2", "_3")]
         kw = dict(dtype=dtype, local_files_only=True)
         clip_l = CLIPTextModelWithProjection.from_pretrained(_subfolder(folder, "text_encoder"), **kw)
         clip_g = CLIPTextModelWithProjection.from_pretrained(_subfolder(folder, "text_encoder_2"), **kw)
@@ -92,7 +93,8 @@ class TextEncoders(torch.nn.Module):
     def _warn_truncated(tokenizer, prompts, ids, what):
         full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
         if full.shape[-1] > ids.shape[-1]:
-            log.warning("prompt truncated to %s: dropped %r", what, tokenizer.batch_decode(full[:, ids.shape[-1] - 1 : -1]))
+            dropped = tokenizer.batch_decode(full[:, ids.shape[-1] - 1 : -1])
+            log.warning("prompt truncated to %s: dropped %r", what, dropped)
 
     def _encode(self, prompts: list[str], n: int, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts [B] -> ([B*n, 77 + L, D_t5], [B*n, P_l + P_g])."""

@@ -12,11 +12,11 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import rel_err
+from contentv_common.schedule import flow_match_sigmas
+from contentv_torch.parallel import token_layout
 from tiny_models import one_torch_thread, tiny_folder  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-from contentv_common.schedule import flow_match_sigmas
-from contentv_torch.parallel import token_layout
 
 WORLD = 2
 CLI_PROMPT = "a small dog running in the city"
@@ -70,7 +70,8 @@ def _worker(rank: int, port: int, folder: str, inputs_path: str, out_dir: str) -
     # Ulysses attention alone: 3 heads on 2 ranks (zero-padded to 4), 45 tokens (padded to 46, masked).
     q, k, v = x["qkv"]
     nl, _, keep = token_layout(45, 0, WORLD, "cpu")
-    local = [torch.nn.functional.pad(t, (0, 0, 0, nl * WORLD - 45))[:, :, rank * nl : (rank + 1) * nl] for t in (q, k, v)]
+    padded = [torch.nn.functional.pad(t, (0, 0, 0, nl * WORLD - 45)) for t in (q, k, v)]  # [B, H, 46, hd]
+    local = [t[:, :, rank * nl : (rank + 1) * nl] for t in padded]
     o = UlyssesAttention(get_attention_backend("sdpa"), sp.sp_group, WORLD, keep)(*local)
     parts = [torch.empty_like(o) for _ in range(WORLD)]
     dist.all_gather(parts, o.contiguous(), group=sp.sp_group)

@@ -50,8 +50,8 @@ def _reference_dit(folder, cfg):
     from reference import reference_transformer
 
     ref = reference_transformer(cfg, seed=123)  # different random weights, then the folder's
-    missing, unexpected = ref.dit.load_state_dict(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"),
-                                                  strict=False)
+    weights = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    missing, unexpected = ref.dit.load_state_dict(weights, strict=False)
     assert missing == ["pos_embed.pos_embed"] and not unexpected  # ContentV has no learned 2D table
     return ref
 
@@ -86,10 +86,12 @@ def test_latents_and_frames_match_diffusers_reference(pipe, tiny_folder):
 
     p = get_preset("tiny")
     noise = torch.randn(len(PROMPTS), 16, 3, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(7))
-    ref_emb, ref_latents, ref_frames = _reference_sample(tiny_folder, pipe.transformer.config, noise, p.text.t5_max_tokens)
+    ref_emb, ref_latents, ref_frames = _reference_sample(tiny_folder, pipe.transformer.config, noise,
+                                                         p.text.t5_max_tokens)
 
     ours = pipe.text_encoders.encode(PROMPTS, NEGATIVE, max_sequence_length=p.text.t5_max_tokens)
-    for a, b in zip((ours.prompt_embeds, ours.pooled, ours.negative_embeds, ours.negative_pooled), ref_emb):
+    got = (ours.prompt_embeds, ours.pooled, ours.negative_embeds, ours.negative_pooled)
+    for a, b in zip(got, ref_emb, strict=True):
         assert a.shape == b.shape and rel_err(a, b) < 1e-6
     assert ours.prompt_embeds.shape == (2, p.text.context_tokens, p.text.t5_hidden)
 
@@ -167,7 +169,8 @@ def test_cli_writes_mp4_and_latents_round_trip(tiny_folder, tmp_path, pipe):
     frames, fps = read_mp4(out)
     assert frames.shape == (9, 32, 64, 3) and fps == 12
     final = load_file(tmp_path / "final.safetensors")["latents"]
-    api = pipe("a red car on the street at night", frames=9, height=32, width=64, steps=2, latents=noise, progress=False)
+    api = pipe("a red car on the street at night", frames=9, height=32, width=64, steps=2, latents=noise,
+               progress=False)
     torch.testing.assert_close(final, api.latents, rtol=1e-6, atol=1e-6)
     # the mp4 holds the pipeline's frames: H.264 subsamples chroma (4:2:0), so compare luma, which it keeps
     # closely (measured 2 levels), with the video's own spread around its mean (~20 levels)
@@ -194,7 +197,8 @@ def test_cli_errors_before_loading(tiny_folder, tmp_path, monkeypatch, case, err
     save_file({"latents": torch.zeros(1, 16, 3, 4, 6)}, str(tmp_path / "wrong.safetensors"))
     save_file({"noise": torch.zeros(1, 16, 3, 4, 8)}, str(tmp_path / "key.safetensors"))
     folder, extra = tiny_folder, ["--output", tmp_path / "v.mp4"]
-    extra += {"frames": ["--frames", 8], "size": ["--height", 24], "output": ["--output", tmp_path / "a_file" / "v.mp4"],
+    extra += {"frames": ["--frames", 8], "size": ["--height", 24],
+              "output": ["--output", tmp_path / "a_file" / "v.mp4"],
               "model": [], "latents": ["--latents-in", tmp_path / "wrong.safetensors"],
               "latents-key": ["--latents-in", tmp_path / "key.safetensors"], "npu": ["--device", "npu"]}[case]
     if case == "npu" and importlib.util.find_spec("torch_npu") is not None:

@@ -82,14 +82,14 @@ def _write_text_encoders(root: Path, preset, seed: int, clip_vocab: int, bos: in
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     t = preset.text
-    for i, (name, hidden, proj) in enumerate(
-        [("text_encoder", t.clip_l_hidden, t.clip_l_projection), ("text_encoder_2", t.clip_g_hidden, t.clip_g_projection)]
-    ):
+    clips = [("text_encoder", t.clip_l_hidden, t.clip_l_projection),
+             ("text_encoder_2", t.clip_g_hidden, t.clip_g_projection)]
+    for i, (name, hidden, proj) in enumerate(clips):
         torch.manual_seed(seed + 1 + i)
-        cfg = CLIPTextConfig(vocab_size=clip_vocab, hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=proj,
-                             num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=t.clip_max_tokens,
-                             hidden_act="gelu", bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
-                             initializer_range=0.5)
+        cfg = CLIPTextConfig(vocab_size=clip_vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                             projection_dim=proj, num_hidden_layers=3, num_attention_heads=2,
+                             max_position_embeddings=t.clip_max_tokens, hidden_act="gelu",
+                             bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
         CLIPTextModelWithProjection(cfg).eval().save_pretrained(root / name)
     torch.manual_seed(seed + 3)
     cfg = T5Config(vocab_size=len(_t5_vocab()), d_model=t.t5_hidden, d_kv=8, d_ff=2 * t.t5_hidden, num_layers=2,
@@ -112,7 +112,8 @@ def _write_transformer(root: Path, preset, seed: int) -> None:
 
     with torch.device("meta"):
         model = ContentVTransformer3DModel(preset.transformer)
-    model.load_state_dict(reference_state_dict(reference_transformer(preset.transformer, seed)), strict=True, assign=True)
+    weights = reference_state_dict(reference_transformer(preset.transformer, seed))
+    model.load_state_dict(weights, strict=True, assign=True)
     model.save_pretrained(root / "transformer")
 
 
