@@ -51,7 +51,6 @@ FORMATS: dict[str, str] = {
 }
 COMPONENT_FORMATS = ("sd3-original", "diffusers-transformer", "wan-original", "diffusers-vae", "flax", "orbax")
 
-ORBAX_GROUP_BYTES = 512 * 2**20  # leaves restored per orbax call (memory vs. number of restore calls)
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -344,9 +343,9 @@ def open_flax_folder(path: Path) -> Source:
 
 def open_orbax(path: Path, ema: bool = False, step: int | None = None, config: Any = None) -> Source:
     """A contentv_jax training checkpoint (the directory of step dirs, or one step dir) as a Source of its
-    raw or EMA params (`ema`). No optimizer state is read; each Flax leaf is restored on its own (orbax partial
-    restore into numpy), so memory holds one leaf at a time. The transformer config is read off the shapes
-    unless `config` is given."""
+    raw or EMA params (`ema`). No optimizer state is read; shapes come from orbax's metadata and each leaf is
+    read row by row (one scanned layer at a time) from the tensorstore array orbax wrote. The transformer config
+    is read off the shapes unless `config` is given."""
     import orbax.checkpoint as ocp
 
     from contentv_jax.checkpoint import is_checkpoint_dir
@@ -382,40 +381,39 @@ def open_orbax(path: Path, ema: bool = False, step: int | None = None, config: A
     flax_dtypes = {p: np.dtype(m.dtype) for p, m in flat_meta.items()}
     if config is None:
         config = infer_transformer_config_from_flax(flax_shapes)
-    # Leaves are restored in groups of up to ORBAX_GROUP_BYTES (one restore call each; a bigger leaf alone),
-    # in the order the Source reads them, and dropped when the next group is restored.
-    groups: list[list[str]] = [[]]
-    size = 0
-    for p in sorted(flax_shapes):
-        n = int(np.prod(flax_shapes[p], dtype=np.int64)) * flax_dtypes[p].itemsize
-        if groups[-1] and size + n > ORBAX_GROUP_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(p)
-        size += n
-    group_of = {p: i for i, g in enumerate(groups) for p in g}
-    cache: dict[str, np.ndarray] = {}
+    # Each leaf is opened as the tensorstore array orbax wrote (zarr, in an OCDBT store or a plain folder, named by
+    # its dot-joined tree path) and read row by row: a stacked fp32 leaf of ContentV-8B (5 GB) is never whole in
+    # memory. Shapes and dtypes above come from orbax's public metadata.
+    open_array = _orbax_array_opener(item)
+    opened: dict[str, Any] = {}
 
     def read_leaf_row(p, row):
-        if p not in cache:
-            cache.clear()
-            target: dict = {}
-            for q in groups[group_of[p]]:
-                node = target
-                for part in (*prefix, *q.split("/")[:-1]):
-                    node = node.setdefault(part, {})
-                node[q.split("/")[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
-            restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(item=target, restore_args=target, partial_restore=True))
-            for part in prefix:
-                restored = restored[part]
-            for q in groups[group_of[p]]:
-                node = restored
-                for part in q.split("/"):
-                    node = node[part]
-                cache[q] = np.asarray(node)
-        return cache[p][row] if row is not None else cache[p]
+        if p not in opened:
+            opened.clear()
+            opened[p] = open_array(".".join((*prefix, *p.split("/"))))
+        arr = opened[p]
+        return np.asarray((arr[row] if row is not None else arr).read().result())
 
     return _source_from_flax_leaves("transformer", "orbax", path, config, flax_shapes, flax_dtypes, read_leaf_row)
+
+
+def _orbax_array_opener(item: Path) -> Callable[[str], Any]:
+    """name -> opened tensorstore array of an orbax PyTree item (its `_METADATA` says zarr2/zarr3, OCDBT or not)."""
+    import tensorstore as ts
+
+    meta = read_json(item / "_METADATA")
+    driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+    context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 0}})
+
+    def open_array(name: str):
+        if meta.get("use_ocdbt", True):
+            kv = {"driver": "ocdbt", "base": {"driver": "file", "path": f"{item}/"}, "path": name,
+                  "cache_pool": "cache_pool#ocdbt"}
+        else:
+            kv = {"driver": "file", "path": f"{item}/{name}/"}
+        return ts.open({"driver": driver, "kvstore": kv}, context=context, open=True).result()
+
+    return open_array
 
 
 def infer_transformer_config_from_flax(shapes: Mapping[str, tuple[int, ...]]) -> TransformerConfig:
