@@ -16,6 +16,9 @@ from contentv_common.weights import KeyMismatchError, iter_tensors, save_sharded
 from contentv_jax.vae import WanVAE, init_params, param_shapes
 from convert.keymap import flatten, flax_to_torch
 from convert.vae_keys import vae_params_from_folder, vae_rules
+from tiny_models import one_torch_thread  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = VAEConfig(base_dim=8, num_res_blocks=1)
 TOL = 1e-4
@@ -99,6 +102,22 @@ def test_decode_first_frame_and_gradient(tiny):
     np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
+def test_chunks_are_one_scan_not_unrolled(tiny):
+    """The per-chunk loop is one scan: the traced program has the same size for 2 and 6 latent frames
+    (decode) and for 5 and 21 video frames (encode); only the scan length changes."""
+    _, _, cfg, params = tiny
+    model = WanVAE(cfg)
+
+    def n_eqns(method, shape):
+        jaxpr = jax.make_jaxpr(lambda p, x: model.apply(p, x, method=method))(params, jnp.zeros(shape))
+        return len(jaxpr.eqns), [e.params["length"] for e in jaxpr.eqns if e.primitive.name == "scan"]
+
+    assert n_eqns("decode", (1, 2, 1, 1, 16))[0] == n_eqns("decode", (1, 6, 1, 1, 16))[0]
+    assert n_eqns("decode", (1, 6, 1, 1, 16))[1] == [5]
+    assert n_eqns("encode", (1, 5, 8, 8, 3))[0] == n_eqns("encode", (1, 21, 8, 8, 3))[0]
+    assert n_eqns("encode", (1, 21, 8, 8, 3))[1] == [5]
+
+
 def test_full_config_keys_and_shapes_match_diffusers():
     """The Wan2.1 layout: the jax.eval_shape tree through vae_rules == diffusers' keys and shapes (meta device)."""
     from diffusers import AutoencoderKLWan
@@ -180,3 +199,28 @@ def test_partitioned_init_and_latent_normalisation(tiny):
     zn = normalize_latents(mean, cfg, channel_axis=-1)
     assert abs(float(zn[..., 0].mean()) - (float(mean[..., 0].mean()) - cfg.latents_mean[0]) / cfg.latents_std[0]) < 1e-5
     np.testing.assert_allclose(np.asarray(denormalize_latents(zn, cfg, channel_axis=-1)), np.asarray(mean), atol=1e-5)
+
+
+def test_parity_cli_vae_runner(tiny, tmp_path, capsys):
+    """`python -m benchmarks.parity` on a diffusers VAE folder: the torch mirror vs Flax, table + output file."""
+    from safetensors.numpy import load_file, save_file
+
+    from benchmarks.parity import main
+
+    _, folder, cfg, _ = tiny
+    rng = np.random.default_rng(3)
+    inputs = tmp_path / "in.safetensors"
+    save_file({"video": _video(rng, B, 1, H, W), "latents": rng.standard_normal((B, cfg.z_dim, 1, H // 8, W // 8)).astype(np.float32)},
+              str(inputs))  # single frames: cheap compilations
+    out = tmp_path / "out.safetensors"
+    assert main(["--checkpoint", str(folder), "--inputs", str(inputs), "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "encode" in table and "decode" in table and "FAIL" not in table
+    got = load_file(str(out))
+    assert sorted(got) == ["decode.jax", "decode.torch", "encode.jax", "encode.torch"]
+    assert got["encode.jax"].shape == (B, cfg.z_dim, 1, H // 8, W // 8) and got["decode.jax"].shape == (B, 3, 1, H, W)
+    assert rel_err(got["encode.jax"], got["encode.torch"]) <= TOL and rel_err(got["decode.jax"], got["decode.torch"]) <= TOL
+    save_file({"video": _video(rng, 1, 6, H, W)}, str(inputs))
+    with pytest.raises(SystemExit):  # argparse error (exit 2) naming the file and the frame count
+        main(["--checkpoint", str(folder), "--inputs", str(inputs)])
+    assert "4k+1" in capsys.readouterr().err
