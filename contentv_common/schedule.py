@@ -15,20 +15,32 @@ def shift_sigmas(sigmas, shift: float):
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
 
 
-def flow_match_sigmas(
-    num_steps: int, shift: float = 1.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
-) -> np.ndarray:
-    """The sampling sigmas of diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps)`.
+SIGMA_GRIDS = ("sd3", "contentv")
 
-    Returns [num_steps + 1] float32 from 1 down to a terminal 0. Like diffusers, the grid runs
-    linearly from 1 to the shifted smallest training sigma (shift(1 / num_train_timesteps)), then
-    is shifted; the timesteps fed to the model are `1000 * sigmas[:-1]`.
+
+def flow_match_sigmas(
+    num_steps: int, shift: float = 1.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, grid: str = "sd3"
+) -> np.ndarray:
+    """The sampling sigmas of diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps`.
+
+    Returns [num_steps + 1] float32 from 1 down to a terminal 0; the timesteps fed to the model are
+    `1000 * sigmas[:-1]`. The grid is shifted after it is laid out:
+      grid="sd3" (default): `set_timesteps(num_steps)`, as the SD3 pipeline calls it: the grid runs
+          linearly from 1 to the shifted smallest training sigma (shift(1 / num_train_timesteps)).
+      grid="contentv": `set_timesteps(sigmas=np.linspace(1, 0, num_steps + 1)[:-1])`, as the released
+          ContentV pipeline calls it: 1, 1 - 1/N, ..., 1/N.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    sigma_min = float(shift_sigmas(np.float32(1.0 / num_train_timesteps), shift))
-    ts = np.linspace(num_train_timesteps, sigma_min * num_train_timesteps, num_steps, dtype=np.float32)
-    sigmas = shift_sigmas(ts / num_train_timesteps, shift).astype(np.float32)
+    if grid == "sd3":
+        sigma_min = float(shift_sigmas(np.float32(1.0 / num_train_timesteps), shift))
+        ts = np.linspace(num_train_timesteps, sigma_min * num_train_timesteps, num_steps, dtype=np.float32)
+        grid_sigmas = ts / num_train_timesteps
+    elif grid == "contentv":
+        grid_sigmas = np.linspace(1.0, 0.0, num_steps + 1)[:-1].astype(np.float32)
+    else:
+        raise ValueError(f"unknown sigma grid {grid!r}; choose one of {SIGMA_GRIDS}")
+    sigmas = shift_sigmas(grid_sigmas, shift).astype(np.float32)
     return np.concatenate([sigmas, np.zeros(1, np.float32)])
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from contentv_common.schedule import SIGMA_GRIDS
 from contentv_torch.pipeline import ContentVPipeline, read_model_info
 from contentv_torch.video_io import check_writable, write_mp4
 
@@ -38,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--width", type=int, help="multiple of 16 (default: the model's, 768)")
     ap.add_argument("--steps", type=int, help="sampling steps (default: the model's, 50)")
     ap.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, 6.0)")
+    ap.add_argument("--sigma-grid", default="contentv", choices=SIGMA_GRIDS,
+                    help="contentv: the released pipeline's linspace(1, 0, N+1)[:-1]; sd3: set_timesteps(N)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-videos", type=int, default=1, help="videos for the prompt (or the batch of --latents-in)")
     ap.add_argument("--output", default="output.mp4", help="mp4 path (written atomically)")
@@ -131,7 +134,7 @@ def main(argv=None) -> list[Path]:
     # 3. Sample (every rank), decode and write (rank 0).
     out = pipe(args.prompt, args.negative_prompt, frames=frames, height=height, width=width, steps=args.steps,
                guidance=args.guidance, seed=args.seed, latents=latents, num_videos_per_prompt=n,
-               output_type="np" if rank0 else "latent", progress=not args.quiet)
+               output_type="np" if rank0 else "latent", progress=not args.quiet, sigma_grid=args.sigma_grid)
     written: list[Path] = []
     if rank0:
         if args.latents_out:

@@ -3,7 +3,8 @@
     pipe = ContentVPipeline.from_pretrained("ContentV-8B", device="cuda", offload=True, tiled_vae=True)
     out = pipe("a red fox running through snow", seed=0)   # out.frames [B, F, H, W, 3] uint8
 
-Steps: SD3.5 prompt encoding (`text.py`) -> flow-matching Euler over the scheduler's shifted sigmas with
+Steps: SD3.5 prompt encoding (`text.py`) -> flow-matching Euler over the scheduler's shifted sigmas (the
+released ContentV grid linspace(1, 0, N + 1)[:-1] by default, SD3's `set_timesteps(N)` grid on request) with
 classifier-free guidance (cond and uncond batched in one DiT call, `denoise`) -> latent de-normalisation
 -> Wan VAE decode (tiled when enabled). The DiT runs in bf16 on CUDA / NPU and fp32 on CPU, the VAE in fp32.
 Sampling defaults are the released model's (432x768, 125 frames, 50 steps, CFG 6.0) unless the folder's
@@ -285,11 +286,13 @@ class ContentVPipeline:
         max_sequence_length: int | None = None,
         output_type: str = "np",
         progress: bool = True,
+        sigma_grid: str = "contentv",
     ) -> ContentVOutput:
         """Sample videos. None takes the model's default (432x768, 125 frames, 50 steps, CFG 6.0 for ContentV-8B).
 
         latents: initial noise [B, z, T, h, w] with B = len(prompts) * num_videos_per_prompt (else drawn from
-        `generator` / `seed`); output_type "np" (decoded frames) or "latent" (skip the VAE).
+        `generator` / `seed`); output_type "np" (decoded frames) or "latent" (skip the VAE);
+        sigma_grid: "contentv" (the released pipeline's) or "sd3" (see `flow_match_sigmas`).
         All sizes are checked before any model runs.
         """
         p = self.info.preset
@@ -304,7 +307,7 @@ class ContentVPipeline:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for "
                              f"{len(prompts)} prompt(s) "
                              f"x {num_videos_per_prompt} video(s) of {frames} frames at {height}x{width}")
-        sigmas = flow_match_sigmas(steps, self.info.shift, self.info.num_train_timesteps)
+        sigmas = flow_match_sigmas(steps, self.info.shift, self.info.num_train_timesteps, grid=sigma_grid)
 
         with self._on_device(self.text_encoders):
             emb = self.text_encoders.encode(prompts, negative_prompt, num_videos_per_prompt,

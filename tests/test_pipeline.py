@@ -1,7 +1,8 @@
 """The PyTorch pipeline and CLI against a sampling loop built from diffusers / transformers parts (fp32, CPU).
 
 Reference: `StableDiffusion3Pipeline.encode_prompt` on the folder's tiny CLIP / T5 encoders,
-`FlowMatchEulerDiscreteScheduler` from the folder's scheduler config, the diffusers-built DiT of
+`FlowMatchEulerDiscreteScheduler` from the folder's scheduler config with the released ContentV pipeline's
+`set_timesteps(sigmas=np.linspace(1, 0, N + 1)[:-1])`, the diffusers-built DiT of
 `tests/reference.py` loaded with the folder's weights, and diffusers `AutoencoderKLWan` for the decode.
 """
 import importlib.util
@@ -67,7 +68,7 @@ def _reference_sample(folder, cfg, noise, max_len):
                                                      max_sequence_length=max_len)
     dit = _reference_dit(folder, cfg)
     sched = sd3.scheduler
-    sched.set_timesteps(STEPS)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 0.0, STEPS + 1)[:-1])  # as ContentV's pipeline does
     x = noise.clone()
     for t in sched.timesteps:
         v = dit(torch.cat([x, x]), torch.cat([neg, emb]), torch.cat([neg_pooled, pooled]), t.expand(2 * x.shape[0]))
@@ -128,6 +129,21 @@ def test_bad_requests_fail_before_sampling(pipe, monkeypatch, kw, match):
     monkeypatch.setattr(pipe.text_encoders, "encode", lambda *a, **k: pytest.fail("encoded before checking"))
     with pytest.raises(ValueError, match=match):
         pipe("a cat", **kw)
+
+
+@pytest.mark.parametrize("steps, shift", [(50, 3.0), (7, 5.0)])
+def test_contentv_sigma_grid_matches_diffusers(steps, shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from contentv_common.schedule import flow_match_sigmas
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])  # the released ContentV pipeline's call
+    ours = flow_match_sigmas(steps, shift, grid="contentv")
+    np.testing.assert_allclose(ours, sched.sigmas.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(1000 * ours[:-1], sched.timesteps.numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown sigma grid"):
+        flow_match_sigmas(steps, shift, grid="karras")
 
 
 def test_scheduler_options_are_checked(tmp_path):
