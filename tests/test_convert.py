@@ -73,6 +73,7 @@ def _torch_state(folder) -> dict[str, torch.Tensor]:
 
 
 def _run(capsys, *argv) -> tuple[int, str]:
+    capsys.readouterr()  # drop what earlier calls printed
     rc = main(["-q", *map(str, argv)])
     return rc, capsys.readouterr().err
 
@@ -322,6 +323,10 @@ def test_train_checkpoint_to_torch_folder_and_whole_model(tmp_path, capsys, tiny
     assert {p.name for p in dst.iterdir()} == {k for k in index if not k.startswith("_")} | {"model_index.json"}
     ours = ContentVTransformer3DModel.from_pretrained(dst / "transformer")
     assert ours.proj_out.weight.dtype == torch.bfloat16
+    from contentv_torch.pipeline import ContentVPipeline
+
+    pipe = ContentVPipeline.from_pretrained(dst, dtype=torch.float32, device="cpu")  # our pipeline loads the folder
+    assert torch.equal(pipe.transformer.proj_out.weight, ours.proj_out.weight.float())
     released, info = _released_contentv_class().from_pretrained(dst / "transformer", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     mine = ours.state_dict()
