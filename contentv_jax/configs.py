@@ -115,7 +115,7 @@ def base(model: str = "tiny") -> ml_collections.ConfigDict:
     c.peak_tflops_per_device = 0.0  # 0: look it up from the device kind (metrics.peak_flops)
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every = 0 if not big else 2000  # 0: no evaluation samples
+    c.eval.every = {"tiny": 0, "small": 500}.get(model, 2000)  # 0: none (the tiny default run stays short)
     c.eval.num_prompts = 2
     c.eval.num_steps = preset.num_steps
     c.eval.guidance = preset.guidance_scale

@@ -8,6 +8,8 @@ A batch source is anything with this small interface (`BatchSource`):
                         with (T, h, w) = `Bucket.latent_shape(preset)` of one of `buckets`;
   state() -> dict     - JSON-serialisable exact data position (saved in every checkpoint);
   restore(state)      - continue from that position: next() then yields exactly what it would have.
+Optional: eval_prompts(n) -> {"names", "context" [n,L,J], "pooled" [n,P], "neg_context", "neg_pooled"}
+  (numpy), the fixed prompts of the trainer's evaluation samples.
 Global batch = the rows of all processes, in process order (`jax.make_array_from_process_local_data`).
 An on-disk dataset implements the same four members.
 """
@@ -120,6 +122,12 @@ class SyntheticCaptionedSource:
         latents = np.stack([self.pattern(i, shape) for i in ids]) + 0.1 * noise  # [B_local, T, h, w, C]
         return {"latents": latents, "context": self.context[ids], "pooled": self.pooled[ids]}
 
+    def eval_prompts(self, n: int) -> dict:
+        """The first n captions' embeddings; the negative prompt is all-zero embeddings."""
+        n = min(n, len(self.captions))
+        return {"names": self.captions[:n], "context": self.context[:n], "pooled": self.pooled[:n],
+                "neg_context": np.zeros_like(self.context[:n]), "neg_pooled": np.zeros_like(self.pooled[:n])}
+
     def next(self) -> dict[str, np.ndarray]:
         batch = self.batch_at(self._index)
         self._index += 1
@@ -147,5 +155,6 @@ def make_source(config, preset: ModelPreset, process_index: int = 0, process_cou
 
         return ShardedLatentSource(config.data.name, preset, buckets, seed=config.seed, process_index=process_index,
                                    process_count=process_count, image_ratio=config.data.get("image_ratio"),
-                                   tokens_per_step=config.data.get("tokens_per_step"))
+                                   tokens_per_step=config.data.get("tokens_per_step"),
+                                   on_corrupt=config.data.get("on_corrupt") or "error")
     raise ValueError(f"--data {config.data.name!r}: unknown data source; use 'synthetic' or a dataset folder")

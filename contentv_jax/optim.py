@@ -71,4 +71,36 @@ def ema_update(ema, params, decay: float):
 
 def tree_norm(tree) -> jax.Array:
     """Global L2 norm of a tree, in fp32."""
-    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
+def apply_update(state, grads, loss, tx: optax.GradientTransformation, ema_decay: float, schedule: optax.Schedule):
+    """One optimizer + EMA update of a train state (fields step, params, opt_state, ema_params, nonfinite,
+    skipped: contentv_jax.train.TrainState), skipped when the loss or the gradient is not finite (params,
+    optimizer state and EMA keep their values; the skip is counted).
+
+    Returns (new state, metrics): grad_norm, param_norm, update_norm, lr, skipped (this step), nonfinite
+    (consecutive skips), fp32 scalars. Used by the RLHF step (contentv_jax.rlhf).
+    """
+    grad_norm = tree_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = jax.tree.map(jnp.add, state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        ema_params=keep(ema_update(state.ema_params, new_params, ema_decay), state.ema_params),
+        nonfinite=jnp.where(ok, 0, state.nonfinite + 1),
+        skipped=state.skipped + (~ok).astype(jnp.int32),
+    )
+    metrics = {
+        "grad_norm": grad_norm,
+        "param_norm": tree_norm(new_state.params),
+        "update_norm": jnp.where(ok, tree_norm(updates), 0.0),
+        "lr": schedule(state.step - state.skipped),
+        "skipped": (~ok).astype(jnp.float32),
+        "nonfinite": new_state.nonfinite.astype(jnp.float32),
+    }
+    return new_state, metrics

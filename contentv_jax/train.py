@@ -34,6 +34,7 @@ from contentv_jax.data import BATCH_KEYS, BATCH_NDIMS, BatchSource, make_source
 from contentv_jax.flow import flow_matching_loss
 from contentv_jax.metrics import MetricsWriter, peak_flops, train_step_flops
 from contentv_jax.optim import ema_update, lr_schedule, make_optimizer, tree_norm
+from contentv_jax.sampler import EvalSampler
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -321,6 +322,15 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
         state = state.replace(params=params, ema_params=copy(params))
         log(f"initialised params from {config.init_from}")
 
+    evaluator = None
+    if config.eval.every > 0:
+        out_dir = Path(metrics_file).parent if metrics_file else Path(checkpoint_dir or ".")
+        if not hasattr(source, "eval_prompts"):
+            log("eval: the batch source has no eval_prompts(); no evaluation samples")
+        else:  # every process samples (the params are sharded over all of them); write_mp4 is process 0's
+            evaluator = EvalSampler(model, preset, config.eval, source.eval_prompts(config.eval.num_prompts),
+                                    out_dir / "samples", config.seed)
+
     steps_cache = StepCache(make_train_step(model, tx, config, preset.transformer.patch_size), state_shardings, mesh,
                             rules, compiler_options)
     peak = peak_flops(jax.devices()[0].device_kind, config.peak_tflops_per_device) * jax.device_count()
@@ -359,15 +369,22 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
                 window_t, window_flops, window_tokens, window_steps = time.perf_counter(), 0.0, 0, 0
                 if m["nonfinite"] >= config.max_nonfinite:
                     stopped = "nonfinite"
+                    if ckpt is not None:
+                        ckpt.wait()
                     raise NonFiniteError(
                         f"step {step}: {int(m['nonfinite'])} consecutive non-finite losses/gradients "
                         f"(max_nonfinite={config.max_nonfinite}); stopping. The last good checkpoint is "
                         f"{checkpoint_dir} step {ckpt.latest_step() if ckpt else None}."
                     )
-            if ckpt is not None:
-                nonfinite = int(jax.device_get(state.nonfinite)) if step % config.checkpoint_every == 0 else 0
-                if not nonfinite:  # never checkpoint in the middle of a run of skipped updates
-                    ckpt.save(step, state, source.state(), force=sigterm.received or step == config.steps)
+            if evaluator is not None and (step % config.eval.every == 0 or step == config.steps):
+                paths = evaluator(state.ema_params, step, write=jax.process_index() == 0)
+                if paths:
+                    log(f"eval: wrote {len(paths)} samples to {paths[0].parent}")
+                window_t, window_flops, window_tokens, window_steps = time.perf_counter(), 0.0, 0, 0
+            force = sigterm.received or step == config.steps
+            if ckpt is not None and (force or step % config.checkpoint_every == 0):
+                if not int(jax.device_get(state.nonfinite)):  # never checkpoint inside a run of skipped updates
+                    ckpt.save(step, state, source.state(), force=force)
             if sigterm.received:
                 stopped = "sigterm"
                 log(f"SIGTERM: saved step {step} to {checkpoint_dir}; exiting")
@@ -404,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=None, help="log (and write metrics) every N steps")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=None, help="run seed (init, noise, data order)")
+    p.add_argument("--fast-compile", action="store_true", help="XLA backend optimisation level 0: faster compiles, "
+                   "slower steps (tests, quick CPU checks)")
     p.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
                    help="multi-host: host:port of process 0 (env JAX_COORDINATOR_ADDRESS); enables jax.distributed")
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
@@ -427,16 +446,23 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.coordinator_address or args.num_processes:
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    config = config_from_args(args)
+    try:  # flag and config errors: one clear line, no traceback
+        config = config_from_args(args)
+        mesh = shd.create_mesh(args.mesh if args.mesh is not None else config.mesh)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
-        out = train(config, mesh_spec=args.mesh, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                    metrics_file=args.metrics_file, tb_dir=args.tb_dir)
+        out = train(config, mesh=mesh, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                    metrics_file=args.metrics_file, tb_dir=args.tb_dir,
+                    compiler_options={"xla_backend_optimization_level": 0} if args.fast_compile else None)
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     h = out["history"]
     if h:
-        print(f"done: {out['stopped']}; loss {h[0]['loss']:.4f} (step {h[0]['step']}) -> {h[-1]['loss']:.4f} (step {h[-1]['step']})")
+        print(f"done ({out['stopped']}): loss {h[0]['loss']:.4f} at step {h[0]['step']} -> {h[-1]['loss']:.4f} at step "
+              f"{h[-1]['step']}; {out['compiles']} compiled step(s)")
     return 0
 
 

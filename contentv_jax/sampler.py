@@ -1,0 +1,112 @@
+"""Flow-matching Euler sampling with classifier-free guidance in JAX, and the trainer's evaluation samples.
+
+Same math as the torch `contentv_torch.pipeline.denoise`: sigmas from
+`contentv_common.schedule.flow_match_sigmas(steps, shift)` ([steps + 1], 1 -> 0), the model fed
+t = 1000 s, with guidance g > 1 one batch of [uncond; cond], v = v_u + g (v_c - v_u), x += (s_next - s) v,
+all in float32 whatever the DiT's compute dtype. One `lax.scan` over the steps: one compile per shape.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from contentv_common.config import ModelPreset
+from contentv_common.latents import denormalize_latents
+from contentv_common.schedule import NUM_TRAIN_TIMESTEPS, flow_match_sigmas
+
+
+def euler_sample(apply_fn: Callable, params, noise: jax.Array, context: jax.Array, pooled: jax.Array,
+                 neg_context: jax.Array | None, neg_pooled: jax.Array | None, sigmas: jax.Array,
+                 guidance: float) -> jax.Array:
+    """Denoise `noise` from sigmas[0] to sigmas[-1].
+
+    apply_fn(params, x [N,T,h,w,C], t [N] in [0, 1000], context [N,L,J], pooled [N,P]) -> v [N,T,h,w,C];
+    noise [B,T,h,w,C]; context [B,L,J], pooled [B,P]; neg_*: same shapes (needed when guidance > 1);
+    sigmas [steps + 1]; guidance: static Python float. Returns latents [B,T,h,w,C] float32 (normalised space).
+    """
+    cfg = guidance > 1.0
+    if cfg and (neg_context is None or neg_pooled is None):
+        raise ValueError(f"guidance {guidance} > 1 needs negative prompt embeddings")
+    b = noise.shape[0]
+    if context.shape[0] != b or pooled.shape[0] != b:
+        raise ValueError(f"noise batch {b} != context batch {context.shape[0]} / pooled {pooled.shape[0]}")
+    ctx = jnp.concatenate([neg_context, context]) if cfg else context
+    pool = jnp.concatenate([neg_pooled, pooled]) if cfg else pooled
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+
+    def step(x, s_pair):
+        s, s_next = s_pair
+        x_in = jnp.concatenate([x, x]) if cfg else x
+        t = jnp.full((x_in.shape[0],), s * NUM_TRAIN_TIMESTEPS, jnp.float32)
+        v = apply_fn(params, x_in, t, ctx, pool).astype(jnp.float32)
+        if cfg:
+            v_u, v_c = jnp.split(v, 2)
+            v = v_u + guidance * (v_c - v_u)
+        return x + (s_next - s) * v, None
+
+    x, _ = jax.lax.scan(step, noise.astype(jnp.float32), (sigmas[:-1], sigmas[1:]))
+    return x
+
+
+def make_sampler(model, guidance: float) -> Callable:
+    """jit(params, noise, context, pooled, neg_context, neg_pooled, sigmas) -> latents for a linen DiT."""
+
+    def apply_fn(params, x, t, c, p):
+        return model.apply({"params": params}, x, t, c, p)
+
+    return jax.jit(lambda params, noise, c, p, nc, npool, sigmas: euler_sample(apply_fn, params, noise, c, p, nc, npool, sigmas, guidance))
+
+
+def to_uint8(video: jax.Array) -> np.ndarray:
+    """VAE output [B, F, H, W, 3] in [-1, 1] -> uint8 [B, F, H, W, 3]."""
+    v = (np.asarray(jax.device_get(video), np.float32) + 1.0) * 127.5
+    return np.clip(np.round(v), 0, 255).astype(np.uint8)
+
+
+class EvalSampler:
+    """Every K steps: a few fixed prompts sampled with the EMA params, decoded by the JAX Wan VAE, written as
+    `<out_dir>/step_<n>/<i>.mp4`. `eval_cfg` is the `eval` section of a train config.
+
+    prompts: {"names": [n], "context": [n,L,J], "pooled": [n,P], "neg_context": [n,L,J], "neg_pooled": [n,P]}
+    (numpy). The VAE comes from `eval_cfg.vae` (a converted Wan VAE folder) or, if empty, is a random
+    init of the preset's VAE (checks the plumbing; the videos are then noise-coloured).
+    """
+
+    def __init__(self, model, preset: ModelPreset, eval_cfg, prompts: dict, out_dir: str | Path, seed: int = 0):
+        from contentv_jax.vae import WanVAE, init_params
+
+        self.cfg, self.preset, self.prompts, self.out_dir = eval_cfg, preset, prompts, Path(out_dir)
+        self.sample = make_sampler(model, float(eval_cfg.guidance))
+        self.sigmas = jnp.asarray(flow_match_sigmas(int(eval_cfg.num_steps), float(eval_cfg.shift)))
+        if eval_cfg.vae:
+            from convert.vae_keys import vae_params_from_folder
+
+            vae_cfg, vae_params = vae_params_from_folder(eval_cfg.vae)
+        else:
+            vae_cfg = preset.vae
+            vae_params = nn.meta.unbox(init_params(vae_cfg))["params"]
+        self.vae_cfg = vae_cfg
+        vae = WanVAE(vae_cfg)
+        self.decode = jax.jit(lambda z: vae.apply({"params": vae_params}, denormalize_latents(z, vae_cfg, -1), method="decode"))
+        n = len(prompts["names"])
+        t, h, w, c = (preset.vae.latent_frames(eval_cfg.frames), eval_cfg.height // vae_cfg.spatial_factor,
+                      eval_cfg.width // vae_cfg.spatial_factor, vae_cfg.z_dim)
+        self.noise = jax.random.normal(jax.random.PRNGKey(seed + 7), (n, t, h, w, c), jnp.float32)  # fixed per run
+
+    def __call__(self, params, step: int, write: bool = True) -> list[Path]:
+        from contentv_torch.video_io import write_mp4  # numpy + mediapy only, no torch
+
+        p = self.prompts
+        z = self.sample(params, self.noise, p["context"], p["pooled"], p["neg_context"], p["neg_pooled"], self.sigmas)
+        frames = to_uint8(self.decode(z))  # [n, F, H, W, 3]
+        out = []
+        if not write:
+            return out
+        for i, name in enumerate(p["names"]):
+            out.append(write_mp4(self.out_dir / f"step_{step:07d}" / f"{i:02d}.mp4", frames[i], fps=self.cfg.fps))
+        return out
