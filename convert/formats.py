@@ -651,14 +651,24 @@ def write_flax(src: Source, folder: Path, dtype: str | None = None, max_shard_by
     (folder / CONFIG_NAME).write_text(json.dumps({**torch_config(src), FLAX_FORMAT_TAG: "flax"}, indent=2))
 
 
-def load_params(path: str | Path, fmt: str | None = None, dtype: str | None = None, **kw) -> tuple[Any, dict]:
-    """(config, nested Flax params of numpy arrays) from any single-component source: our flax folder, a
-    diffusers folder, an SD3 original file, a Wan .pth, or a training checkpoint (kw: ema, step). Reads
-    tensor by tensor; the result holds the whole tree (that is what it is for: initialising a model)."""
+def iter_params(path: str | Path, fmt: str | None = None, dtype: str | None = None, **kw) -> Iterator[tuple[Any, str, np.ndarray]]:
+    """Yield (config, "/"-joined Flax path, numpy array) leaf by leaf from any single-component source: our flax
+    folder, a diffusers folder (SD3.5's pos_embed.pos_embed dropped), an SD3 original file, a Wan .pth, or a
+    training checkpoint (kw: ema, step). Keys and shapes are checked strictly before the first leaf; a caller
+    can place each leaf on its devices (jax.device_put with its sharding) before the next one is read."""
     with open_source(path, fmt, **kw) as src:
         check_source(src)
-        flat = {}
         for t in plan_flax(src, dtype):
             chunks = [np.asarray(c).astype(t.dtype, copy=False) for c in t.chunks()]
-            flat[t.key] = chunks[0] if len(t.shape) == chunks[0].ndim else np.stack(chunks)
-        return src.config, unflatten(flat)
+            yield src.config, t.key, (chunks[0] if len(t.shape) == chunks[0].ndim else np.stack(chunks))
+
+
+def load_params(path: str | Path, fmt: str | None = None, dtype: str | None = None, **kw) -> tuple[Any, dict]:
+    """(config, nested Flax params of numpy arrays) from any source `iter_params` reads (the whole tree in
+    host memory: for initialising a model)."""
+    flat, cfg = {}, None
+    for cfg, key, leaf in iter_params(path, fmt, dtype, **kw):
+        flat[key] = leaf
+    if cfg is None:
+        raise KeyMismatchError(f"{path}: no parameters")
+    return cfg, unflatten(flat)
