@@ -119,7 +119,7 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> TransformerConfig:
 
     if any(".attn2." in k for k in shapes):
         raise ValueError("SD3 original file has attn2 (dual attention, SD3.5 Medium): only SD3.5 Large is supported")
-    if f"joint_blocks.0.x_block.attn.ln_q.weight" not in shapes:
+    if "joint_blocks.0.x_block.attn.ln_q.weight" not in shapes:
         raise ValueError("SD3 original file has no qk-norm (ln_q): SD3 Medium 1.0, not SD3.5 Large")
     inner, cin, p, _ = shape("x_embedder.proj.weight")
     head_dim = shape("joint_blocks.0.x_block.attn.ln_q.weight")[0]

@@ -7,7 +7,6 @@ with jax.eval_shape; round trips are bit-exact in the same dtype.
 import dataclasses
 import inspect
 import json
-import os
 import pathlib
 
 import ml_dtypes
@@ -16,11 +15,11 @@ import pytest
 import torch
 
 from contentv_common.config import PRESETS, TransformerConfig, VAEConfig
-from contentv_common.weights import KeyMismatchError, iter_tensors, save_sharded
+from contentv_common.weights import iter_tensors, save_sharded
 from convert import sd3_original, wan_original
 from convert.cli import main
 from convert.export import convert
-from convert.formats import FORMATS, FormatError, Source, detect, load_params, plan_flax
+from convert.formats import FORMATS, Source, detect, load_params, plan_flax
 from convert.keymap import flatten, torch_to_flax
 from convert.transformer_keys import transformer_rules
 
@@ -411,3 +410,7 @@ def test_cli_errors_name_the_problem_and_leave_nothing(tmp_path, capsys):
     assert not (tmp_path / "o2").exists()
     with pytest.raises(SystemExit):
         main(["--to", "onnx", str(tmp_path / "good"), str(tmp_path / "o3")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert all(f in capsys.readouterr().out for f in FORMATS)
