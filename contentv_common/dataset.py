@@ -388,7 +388,8 @@ class ShardedLatentSource:
     Epoch e of a stream: each bucket's records permuted by (seed, stream, e), cut into global batches (the
     remainder is dropped), the batches of all its buckets permuted. Step k's stream is drawn from (seed, k).
     Process p of n gets rows [p B/n, (p+1) B/n) of each global batch and reads only those records.
-    state() = {"kind", "dataset" (manifest hash), "seed", "step", "streams": [[epoch, batch index], ...]}.
+    state() = {"kind", "dataset" (manifest hash), "seed", "buckets" (per stream, + weights), "step",
+               "streams": [[epoch, batch index] per stream]}; restore() refuses a state of another plan.
     next() -> {"latents": [B_local, T, h, w, C], "context": [B_local, L, J], "pooled": [B_local, P]} float32;
     `prefetch` batches are read ahead on threads (the position still counts only returned batches).
     """
@@ -531,15 +532,22 @@ class ShardedLatentSource:
         return out
 
     def state(self) -> dict:
-        return {"kind": "shards", "dataset": self.ds.id, "seed": self.seed, **json.loads(json.dumps(self._pos))}
+        return {"kind": "shards", "dataset": self.ds.id, "seed": self.seed, "buckets": self._bucket_key(),
+                **json.loads(json.dumps(self._pos))}
+
+    def _bucket_key(self) -> list:
+        """What the plan depends on besides seed and dataset: [[F, H, W, batch], ...] per stream, and the weights."""
+        return [[[self.buckets[i].frames, self.buckets[i].height, self.buckets[i].width, self.buckets[i].batch]
+                 for i in s] for s in self.streams] + [[round(float(w), 9) for w in self.weights]]
 
     def restore(self, state: dict) -> None:
         if state.get("kind") != "shards" or state.get("dataset") != self.ds.id or state.get("seed") != self.seed:
             raise ValueError(f"data state {state} is not a position of dataset {self.ds.path} (id {self.ds.id}) "
                              f"with seed {self.seed}")
-        streams = state.get("streams")
-        if not isinstance(streams, list) or len(streams) != len(self.streams):
-            raise ValueError(f"data state {state}: {len(self.streams)} streams expected (buckets / image_ratio changed?)")
+        if state.get("buckets") != self._bucket_key():
+            raise ValueError(f"data state {state}: saved with buckets / image_ratio {state.get('buckets')}, this source has "
+                             f"{self._bucket_key()}; the position would not continue the same sequence")
+        streams = state["streams"]
         for f in self._queue:
             if self._pool:
                 f[1].cancel()

@@ -113,6 +113,8 @@ def test_state_restore_continues_the_exact_sequence(data):
             np.testing.assert_array_equal(x[k], y[k])
     with pytest.raises(ValueError, match="seed"):
         _source(path, seed=2).restore(state)
+    with pytest.raises(ValueError, match="buckets"):
+        _source(path, seed=1, buckets=[Bucket(*VIDEO, 2), Bucket(*IMAGE, 2)]).restore(state)
 
 
 def test_two_hosts_partition_each_global_batch(data):
