@@ -41,9 +41,9 @@ import logging
 import os
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -323,7 +323,7 @@ class LatentDataset:
         try:
             with safe_open(path, framework="numpy") as f:
                 context, pooled = f.get_tensor("context")[0], f.get_tensor("pooled")[0]
-        except Exception as e:  # safetensors raises its own error types
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
             raise CorruptDataError(f"dataset {self.path}: negative prompt file {path} unreadable ({e})") from None
         if context.shape != self.context_shape or pooled.shape != (self.pooled_dim,):
             raise CorruptDataError(f"{path}: shapes {context.shape} {pooled.shape} differ from the manifest's")
@@ -364,7 +364,9 @@ def dynamic_batch_sizes(shapes: Sequence[tuple[int, int, int]], preset, tokens_p
     """The paper's dynamic batch: per pixel shape (F, H, W), the batch whose video tokens per step
     (batch * T * (h/p) * (w/p)) come nearest to `tokens_per_step` from below, a multiple of `multiple`
     (at least `multiple`). -> [Bucket(F, H, W, batch)]."""
-    from contentv_jax.data import Bucket  # the trainer's Bucket type (a plain dataclass; no JAX import)
+    from contentv_jax.data import (
+        Bucket,  # the trainer's Bucket type (a plain dataclass; no JAX import)
+    )
 
     out = []
     for f, h, w in shapes:
@@ -382,7 +384,7 @@ class ShardedLatentSource:
         unused (logged); None = every bucket of the dataset (then `tokens_per_step` gives the batches).
     tokens_per_step: if set, each bucket's batch comes from this token budget (`dynamic_batch_sizes`),
         rounded to a multiple of process_count.
-    image_ratio: None = one stream over all buckets (every record once per epoch, images and videos in their
+    image_ratio: None (or < 0, the config's default) = one stream over all buckets (every record once per epoch, images and videos in their
         natural proportion); r in [0, 1] = two streams, the image buckets (1 frame) and the video buckets, each
         with its own epochs, and each step draws an image batch with probability r.
     Epoch e of a stream: each bucket's records permuted by (seed, stream, e), cut into global batches (the
@@ -431,7 +433,7 @@ class ShardedLatentSource:
                              f"(dataset buckets: { {s: len(v) for s, v in by_bucket.items()} })")
         images = [i for i, b in enumerate(self.buckets) if b.frames == 1]
         videos = [i for i, b in enumerate(self.buckets) if b.frames != 1]
-        if image_ratio is None:
+        if image_ratio is None or float(image_ratio) < 0:
             self.streams, self.weights = [list(range(len(self.buckets)))], np.ones(1)
         else:
             r = float(image_ratio)

@@ -100,7 +100,7 @@ def load_media(path: Path) -> tuple[np.ndarray, float | None]:
 
         frames, fps = read_mp4(path)
         return frames, fps
-    except Exception as e:  # decoders raise many types for broken files
+    except Exception as e:  # noqa: BLE001  (decoders raise many types for broken files)
         raise SkipFile(f"unreadable ({type(e).__name__}: {e})") from None
 
 
@@ -108,7 +108,7 @@ def available_frames(n_src: int, src_fps: float, fps: float) -> int:
     """Frames of a clip of n_src frames at src_fps when resampled to fps (from its first frame)."""
     if not math.isfinite(src_fps) or src_fps <= 0:
         src_fps = fps
-    return int(math.floor((n_src - 1) * fps / src_fps + 1e-6)) + 1
+    return math.floor((n_src - 1) * fps / src_fps + 1e-6) + 1
 
 
 def choose_bucket(frames: int | None, height: int, width: int, buckets) -> tuple[int, int, int]:

@@ -5,15 +5,20 @@ encoder's end-to-end test is tests/test_encode_dataset.py).
 """
 import json
 
-import ml_collections
 import numpy as np
 import pytest
 
 from contentv_common.config import get_preset
 from contentv_common.dataset import (
-    MANIFEST_NAME, CorruptDataError, DatasetMismatchError, LatentDataset, ShardedLatentSource, dynamic_batch_sizes,
+    MANIFEST_NAME,
+    CorruptDataError,
+    DatasetMismatchError,
+    LatentDataset,
+    ShardedLatentSource,
+    dynamic_batch_sizes,
     write_dataset,
 )
+from contentv_jax.configs import get_config
 from contentv_jax.data import Bucket, make_source
 
 TINY = get_preset("tiny")
@@ -142,6 +147,7 @@ def test_image_ratio_and_dynamic_batches(data):
     assert not any(b.frames == 1 for b, _ in _source(path, image_ratio=0.0).peek(50))
     with pytest.raises(ValueError, match="image_ratio"):
         _source(path, image_ratio=1.5)
+    assert len(_source(path, image_ratio=-1.0).streams) == 1  # the trainer config's "natural proportions"
     # token budget: tiny video bucket (9, 32, 48) = 3 x 2 x 3 = 18 tokens, image = 6 tokens
     assert [b.batch for b in dynamic_batch_sizes([VIDEO, IMAGE], TINY, 40)] == [2, 6]
     assert [b.batch for b in dynamic_batch_sizes([VIDEO, IMAGE], TINY, 40, multiple=4)] == [4, 4]
@@ -150,7 +156,7 @@ def test_image_ratio_and_dynamic_batches(data):
 
 
 def test_eval_prompts_are_the_first_records(data):
-    path, samples = data
+    path, _ = data
     ev = _source(path).eval_prompts(3)
     ds = LatentDataset(path)
     assert ev["names"] == [ds[i]["caption"] for i in range(3)]
@@ -160,8 +166,8 @@ def test_eval_prompts_are_the_first_records(data):
 
 def test_make_source_takes_a_dataset_folder(data):
     path, _ = data
-    c = ml_collections.ConfigDict({"seed": 0, "data": {"name": str(path), "buckets": [(9, 32, 48, 4), (1, 32, 48, 2)],
-                                                        "bucket_weights": [1.0, 1.0], "num_captions": 16}})
+    c = get_config("tiny/joint")  # the trainer's own config, as `--data DIR --set data.buckets=...` makes it
+    c.data.name, c.data.buckets = str(path), [(9, 32, 48, 4), (1, 32, 48, 2)]
     src = make_source(c, TINY)
     assert isinstance(src, ShardedLatentSource) and src.next()["latents"].shape[2:] == (4, 6, 16)
     c.data.name = str(path / "nope")

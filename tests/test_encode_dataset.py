@@ -1,16 +1,13 @@
 """`python -m contentv_torch.encode_dataset`: mp4s and PNGs written here -> shards, with the tiny ContentV folder."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import rel_err
 from tiny_models import tiny_folder  # noqa: F401  (session fixture)
 
-from contentv_common.dataset import MANIFEST_NAME, LatentDataset, ShardedLatentSource
 from contentv_common.config import get_preset
+from contentv_common.dataset import MANIFEST_NAME, LatentDataset, ShardedLatentSource
 from contentv_jax.data import Bucket
 from contentv_torch import encode_dataset as ed
 from contentv_torch.video_io import write_mp4
@@ -71,7 +68,7 @@ def encoded(tiny_folder, media, encoder, tmp_path_factory):  # noqa: F811
 
 
 def test_encoded_records_are_the_encoders_outputs(encoded, encoder, media):
-    out, manifest = encoded
+    out, _ = encoded
     ds = LatentDataset(out)
     expected = {name: b for name, *_, b in MEDIA if b is not None}
     assert sorted(ds[i]["source"] for i in range(len(ds))) == sorted(expected)
@@ -110,7 +107,7 @@ def test_skipped_files_are_reported(encoded):
 
 
 def test_interrupted_run_resumes_without_redoing_chunks(encoded, tiny_folder, media, encoder, tmp_path, monkeypatch):  # noqa: F811
-    ref_out, ref = encoded
+    _, ref = encoded
     out = tmp_path / "data"
     calls = []
     real = encoder.encode_video
