@@ -15,7 +15,8 @@ listed under "skipped" in the manifest. The empty prompt's embeddings are stored
 
 Work is cut into chunks of --shard-size input lines; chunk k writes one shard per bucket
 (`shards/c<k>-<F>x<H>x<W>.safetensors`) and then `chunks/c<k>.json`, both atomically. A rerun with the same
-settings skips finished chunks (resume); manifest.json is written last, from all chunk files.
+settings skips finished chunks (resume); manifest.json is written last, from all chunk files. `--part I/N`
+splits the chunks over N processes (e.g. one per GPU) writing the same --output.
 """
 from __future__ import annotations
 
@@ -243,8 +244,31 @@ def encode_chunk(enc: Encoder, items: list[dict], k: int, out: Path, buckets, ar
     return chunk
 
 
-def encode_dataset(args, encoder: Encoder | None = None) -> dict:
-    """Run the whole encoding (see the module docstring) for parsed CLI `args`; returns the manifest.
+def _finished_chunks(out: Path, n: int) -> list[dict | None]:
+    """Chunk records of chunks 0..n-1 whose json and shards all exist; None for the others."""
+    chunks = []
+    for k in range(n):
+        cpath = out / "chunks" / f"c{k:05d}.json"
+        c = json.loads(cpath.read_text()) if cpath.is_file() else None
+        if c is not None and not all((out / s["file"]).is_file() for s in c["shards"]):
+            c = None  # a shard went missing: redo the chunk
+        chunks.append(c)
+    return chunks
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--part {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def encode_dataset(args, encoder: Encoder | None = None) -> dict | None:
+    """Run the encoding (see the module docstring) for parsed CLI `args`; returns the manifest (None when this
+    --part finished while other parts still have chunks to do).
     `encoder`: an already loaded Encoder of args.model (else one is loaded when any chunk is left to do)."""
     from safetensors import safe_open
 
@@ -258,6 +282,8 @@ def encode_dataset(args, encoder: Encoder | None = None) -> dict:
     out = Path(args.output)
     settings = _settings(args, items)
     spath = out / "encode_settings.json"
+    if args.overwrite and args.part[1] > 1:
+        raise ValueError("--overwrite with --part would delete the other parts' work; start over without --part")
     if args.overwrite:
         for name in ("shards", "chunks"):
             shutil.rmtree(out / name, ignore_errors=True)
@@ -269,21 +295,16 @@ def encode_dataset(args, encoder: Encoder | None = None) -> dict:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise ValueError(f"--output {out} was encoded with other settings (differ: {diff}); use another --output "
                              "or --overwrite")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):  # (.tmp files: a part starting)
         raise FileExistsError(f"--output {out} exists and is not a dataset being encoded; use another folder or --overwrite")
     _write_json(spath, settings)
 
     chunks_in = [items[i:i + args.shard_size] for i in range(0, len(items), args.shard_size)]
-    chunks: list[dict | None] = []
-    for k in range(len(chunks_in)):
-        cpath = out / "chunks" / f"c{k:05d}.json"
-        c = json.loads(cpath.read_text()) if cpath.is_file() else None
-        if c is not None and not all((out / s["file"]).is_file() for s in c["shards"]):
-            c = None  # a shard went missing: redo the chunk
-        chunks.append(c)
-    todo = [k for k, c in enumerate(chunks) if c is None]
-    if len(todo) < len(chunks):
-        log.info("resuming: %d of %d chunks already done", len(chunks) - len(todo), len(chunks))
+    chunks = _finished_chunks(out, len(chunks_in))
+    part, parts = args.part
+    todo = [k for k, c in enumerate(chunks) if c is None and k % parts == part]
+    if any(c is not None for c in chunks):
+        log.info("resuming: %d of %d chunks already done", sum(c is not None for c in chunks), len(chunks))
     enc = encoder
     if todo and enc is None:
         enc = Encoder(args.model, args.device, getattr(torch, args.text_dtype), args.max_sequence_length)
@@ -292,6 +313,13 @@ def encode_dataset(args, encoder: Encoder | None = None) -> dict:
         for k in todo:
             chunks[k] = encode_chunk(enc, chunks_in[k], k, out, buckets, args, bar)
 
+    if parts > 1:
+        chunks = _finished_chunks(out, len(chunks_in))  # the other parts' work so far
+        left = sum(c is None for c in chunks)
+        if left:
+            log.info("part %d/%d done; %d chunk(s) left to the other parts (the last part to finish writes %s)",
+                     part, parts, left, fmt.MANIFEST_NAME)
+            return None
     shards, records, skipped = [], [], []
     for c in chunks:
         base = len(shards)
@@ -338,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--text-dtype", default="float32", choices=["float32", "bfloat16"], help="text encoders' dtype")
     ap.add_argument("--store-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype in the shards")
     ap.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model preset's, 256)")
+    ap.add_argument("--part", type=_part, default=(0, 1), metavar="I/N", help="encode only chunks k with k %% N == I "
+                    "(N processes or devices share one --output; the last to finish writes the manifest)")
     ap.add_argument("--overwrite", action="store_true", help="start over, deleting an earlier run's shards in --output")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap

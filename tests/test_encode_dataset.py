@@ -135,6 +135,18 @@ def test_interrupted_run_resumes_without_redoing_chunks(encoded, tiny_folder, me
         ed.encode_dataset(_args(tiny_folder, media, out, "--fps", "12"), encoder)
 
 
+def test_parts_split_the_work_and_the_last_writes_the_manifest(encoded, tiny_folder, media, encoder, tmp_path, monkeypatch):  # noqa: F811
+    _, ref = encoded
+    out = tmp_path / "data"
+    real, calls = encoder.encode_video, []
+    monkeypatch.setattr(encoder, "encode_video", lambda v: (calls.append(v.shape[2]), real(v))[1])
+    assert ed.encode_dataset(_args(tiny_folder, media, out, "--part", "1/2"), encoder) is None  # chunk 1 only
+    assert calls == [9] and not (out / MANIFEST_NAME).exists()
+    manifest = ed.encode_dataset(_args(tiny_folder, media, out, "--part", "0/2"), encoder)  # chunks 0 and 2
+    assert calls == [9, 9, 5, 1]
+    assert [(r["source"], r["crc32"]) for r in manifest["records"]] == [(r["source"], r["crc32"]) for r in ref["records"]]
+
+
 def test_bucket_choice_frame_sampling_and_crop():
     buckets = ed.parse_buckets("17x32x48,9x32x48,9x32x32,1x32x48,1x48x32", 16, 4)
     assert ed.choose_bucket(None, 100, 60, buckets) == (1, 48, 32)  # portrait image
