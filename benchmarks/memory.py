@@ -1,0 +1,253 @@
+"""Memory planning: per-device memory of a training step, from XLA's compiled memory analysis.
+
+    python -m benchmarks.memory --json mem.json                    # contentv-8b, 480p x 125 frames, fsdp 8 / 64 /
+                                                                   # data 2 x fsdp 128, remat full / none (~5 min here)
+    python -m benchmarks.memory --grid full --json mem_full.json   # + smaller shapes, fsdp 128 / 256, save_attention
+    python -m benchmarks.memory --model tiny --mesh fsdp=2 --shape 9x32x48 --remat full,none --json s.json  # smoke
+
+Nothing is allocated: the trainer's state (`contentv_jax.train.TrainState`: fp32 params, AdamW moments, EMA) is
+`jax.eval_shape`d, given the trainer's shardings (`sharding.logical_shardings`), and the trainer's jitted step
+(`train.StepCache`, donation and shardings as in training) is lowered on abstract inputs and compiled for N
+virtual CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`, set here before JAX is imported). One
+row per (shape, mesh, remat policy); the per-device batch is `--per-device-batch` (default 1), so the global
+batch is that times the mesh's batch shards. Columns (GiB per device):
+  state    - the train state's shard on one device, summed from its shardings (params + 2 moments + EMA, fp32);
+  args/out/alias/temp - XLA's CompiledMemoryStats; peak = args + out - alias + temp (donated state aliases);
+  scores   - one fp32 attention score tensor [B_local, heads, S, S] of one layer (analytic): the XLA attention
+             path materialises several of these; a flash kernel (cuDNN on GPU, the NPU fused attention) does not;
+  flash_est (EXTRAPOLATED) - the peak without the S^2 attention buffers: per remat policy, the peak on the first
+             mesh is fitted exactly by a + b S + c S^2 through three sequence lengths (the grid's shape plus
+             FIT_SHAPES), and c S^2 is taken off every row of that policy (per-device batch and heads are the same
+             on every fsdp / data mesh, so c is too). `fit_rel_err` checks the fit on a fourth length when the grid
+             has one (--grid full). CPU XLA offers no flash kernel to measure directly.
+Caveats: CPU buffer assignment and fusion differ from GPU/TPU/NPU compilers, and CPU XLA may keep bf16 dot
+operands in fp32; treat the numbers as a plan, not a promise. XLA's LLVM optimisation is turned off
+(`xla_backend_optimization_level=0`) to halve compile time: buffer assignment happens before it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+DEFAULT_SHAPES = ("125x480x832",)
+FULL_SHAPES = ("1x480x832", "29x256x448", "61x256x448", "121x256x448", "61x480x832", "125x480x832")
+DEFAULT_MESHES = ("fsdp=8", "fsdp=64", "data=2,fsdp=128")
+FULL_MESHES = ("fsdp=8", "fsdp=64", "fsdp=128", "data=2,fsdp=128", "fsdp=256")
+DEFAULT_REMATS = ("full", "none")
+FULL_REMATS = ("full", "save_attention", "none")
+FIT_SHAPES = ("1x480x832", "9x480x832")
+BUDGETS_GIB = {"64GB_npu": 64.0, "80GB_h100": 80.0}
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """'125x480x832' -> (frames, height, width) in pixels."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"--shape {text!r}: expected FRAMESxHEIGHTxWIDTH in pixels, e.g. 125x480x832")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def mesh_devices(spec: str) -> int:
+    """Devices a mesh spec needs: 'data=2,fsdp=128' -> 256 (parsed here: JAX must not be imported yet)."""
+    n = 1
+    for part in spec.split(","):
+        name, sep, value = part.strip().partition("=")
+        if not sep or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--mesh {spec!r}: expected axis=size pairs with explicit positive sizes, e.g. data=2,fsdp=128")
+        n *= int(value)
+    return n
+
+
+def ensure_devices(n: int) -> None:
+    """Make JAX see >= n CPU devices: set XLA_FLAGS if JAX is not imported yet, else check the count."""
+    if "jax" not in sys.modules:
+        flags = os.environ.get("XLA_FLAGS", "")
+        flags = " ".join(f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    if jax.device_count() < n:
+        raise RuntimeError(f"the meshes need {n} devices but JAX was already imported with {jax.device_count()}; "
+                           f"run `python -m benchmarks.memory` in a fresh process (it sets XLA_FLAGS itself)")
+
+
+def _state_bytes_per_device(abstract_state, shardings) -> int:
+    import jax
+    import numpy as np
+
+    total = 0
+    for x, s in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings)):
+        total += int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+    return total
+
+
+def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat: str, per_device_batch: int = 1,
+            dtype: str = "bfloat16") -> dict:
+    """Compile one training step on abstract inputs and return its per-device memory (see the module doc)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from contentv_common.config import get_preset
+    from contentv_jax import configs as configs_lib
+    from contentv_jax import sharding as shd
+    from contentv_jax import train as tr
+    from contentv_jax.data import BATCH_KEYS, Bucket
+    from contentv_jax.optim import make_optimizer
+
+    preset = get_preset(model_name)
+    config = configs_lib.get_config(model_name)
+    with config.unlocked():
+        config.remat_policy, config.dtype = remat, dtype
+    mesh = shd.create_mesh(mesh_spec, devices=jax.devices()[: mesh_devices(mesh_spec)])
+    model = tr.build_model(config, preset)
+    tx = make_optimizer(config.optim, config.steps)
+
+    def init_boxed(rng):  # the trainer's state, abstractly (train.create_train_state steps 1-2, nothing allocated)
+        params = model.init(jax.random.fold_in(rng, 0), *tr._dummy_inputs(preset))["params"]
+        return tr.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                             ema_params=jax.tree.map(jnp.copy, params), rng=rng,
+                             nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
+
+    boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+    shardings = shd.logical_shardings(boxed, mesh)
+    state = tr.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+
+    frames, height, width = shape
+    t, h, w, c = Bucket(frames, height, width, 1).latent_shape(preset)
+    batch = per_device_batch * shd.batch_divisor(mesh)
+    L = preset.text.context_tokens
+    cfg = preset.transformer
+    shapes = {"latents": (batch, t, h, w, c), "context": (batch, L, cfg.joint_attention_dim),
+              "pooled": (batch, cfg.pooled_projection_dim)}
+    cache = tr.StepCache(tr.make_train_step(model, tx, config, cfg.patch_size), shardings, mesh)
+    abstract_batch = {n: jax.ShapeDtypeStruct(shapes[n], jnp.float32, sharding=shd.batch_sharding(mesh, len(shapes[n])))
+                      for n in BATCH_KEYS}
+
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
+        # The trainer's own jit (shardings, donation); LLVM optimisation off: buffer assignment happens before it.
+        compiled = cache._jit.lower(state, abstract_batch).compile(FAST_COMPILE)
+    compile_s = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    gib = float(1 << 30)
+    p = cfg.patch_size
+    tokens = t * (h // p) * (w // p)
+    seq = tokens + L
+    row = {
+        "model": model_name, "shape": f"{frames}x{height}x{width}", "latent": f"{t}x{h}x{w}", "mesh": mesh_spec,
+        "devices": mesh.size, "remat": remat, "dtype": dtype, "global_batch": batch, "per_device_batch": per_device_batch,
+        "video_tokens": tokens, "seq_len": seq,
+        "state_gib": _state_bytes_per_device(state, shardings) / gib,
+        "args_gib": m.argument_size_in_bytes / gib, "out_gib": m.output_size_in_bytes / gib,
+        "alias_gib": m.alias_size_in_bytes / gib, "temp_gib": m.temp_size_in_bytes / gib,
+        "scores_gib": per_device_batch * cfg.num_attention_heads * seq * seq * 4 / gib,
+        "compile_s": compile_s,
+    }
+    row["peak_gib"] = row["args_gib"] + row["out_gib"] - row["alias_gib"] + row["temp_gib"]
+    for name, budget in BUDGETS_GIB.items():
+        row[f"fits_{name}"] = row["peak_gib"] <= budget
+    return row
+
+
+def add_flash_estimates(rows: list[dict], fit_rows: list[dict]) -> None:
+    """Per remat policy: fit peak(S) = a + b S + c S^2 (GiB) exactly through three points of one mesh (`fit_rows`
+    plus the grid rows on that mesh), then set flash_est_gib = peak - c S^2 on every row of the policy (EXTRAPOLATED).
+    A fourth point on the fit mesh, if any, gives fit_rel_err = |prediction - measured| / measured."""
+    import numpy as np
+
+    for remat in {r["remat"] for r in rows}:
+        mesh = next(r["mesh"] for r in fit_rows if r["remat"] == remat)
+        pts = {r["seq_len"]: r["peak_gib"] for r in rows + fit_rows if r["remat"] == remat and r["mesh"] == mesh}
+        seqs = sorted(pts)
+        if len(seqs) < 3:
+            continue
+        use = [seqs[0], seqs[1], seqs[-1]]
+        a, b, c = np.linalg.solve(np.array([[1.0, x, x * x] for x in use]), np.array([pts[x] for x in use]))
+        check = [x for x in seqs if x not in use]
+        for r in rows + fit_rows:
+            if r["remat"] != remat:
+                continue
+            r["fit_c_gib"] = float(c)
+            r["flash_est_gib"] = r["peak_gib"] - float(c) * r["seq_len"] ** 2
+            for name, budget in BUDGETS_GIB.items():
+                r[f"flash_fits_{name}"] = r["flash_est_gib"] <= budget
+            if check:
+                x = check[0]
+                r["fit_rel_err"] = abs(a + b * x + c * x * x - pts[x]) / pts[x]
+
+
+COLUMNS = [("shape", "frames x H x W"), ("mesh", "mesh"), ("remat", "remat"), ("global_batch", "batch"),
+           ("seq_len", "seq"), ("state_gib", "state GiB"), ("temp_gib", "temp GiB"), ("peak_gib", "peak GiB"),
+           ("scores_gib", "1 score tensor GiB"), ("fits_64GB_npu", "fits 64 GB"), ("fits_80GB_h100", "fits 80 GB"),
+           ("flash_est_gib", "flash est. GiB (extrap.)"), ("flash_fits_64GB_npu", "est. fits 64"),
+           ("flash_fits_80GB_h100", "est. fits 80"), ("compile_s", "compile s")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="contentv-8b", help="preset name (contentv-8b, small, tiny)")
+    ap.add_argument("--grid", choices=("default", "full"), default="default",
+                    help="default: 480p x 125 frames on fsdp 8 / 64 / data 2 x fsdp 128, remat full / none; "
+                         "full: more shapes, meshes and remat policies (about 30-60 min here)")
+    ap.add_argument("--shape", action="append", help="FRAMESxHEIGHTxWIDTH pixels (repeatable; overrides the grid's)")
+    ap.add_argument("--mesh", action="append", help="mesh spec, e.g. fsdp=64 or data=2,fsdp=128 (repeatable)")
+    ap.add_argument("--remat", default=None, help="comma-separated remat policies (contentv_jax.transformer.REMAT_CHOICES)")
+    ap.add_argument("--per-device-batch", type=int, default=1)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
+    ap.add_argument("--no-fit", action="store_true", help="skip the flash-attention extrapolation (FIT_SHAPES compiles)")
+    ap.add_argument("--json", type=str, default=None, help="write the rows + machine facts here (atomically)")
+    args = ap.parse_args(argv)
+
+    full = args.grid == "full"
+    try:
+        shapes = [parse_shape(s) for s in (args.shape or (FULL_SHAPES if full else DEFAULT_SHAPES))]
+        meshes = list(args.mesh or (FULL_MESHES if full else DEFAULT_MESHES))
+        remats = args.remat.split(",") if args.remat else list(FULL_REMATS if full else DEFAULT_REMATS)
+        need = max(mesh_devices(m) for m in meshes)
+        if args.per_device_batch < 1:
+            raise ValueError("--per-device-batch must be >= 1")
+    except ValueError as e:
+        ap.error(str(e))
+    ensure_devices(need)
+
+    from tqdm.auto import tqdm
+
+    from benchmarks.common import machine_info, markdown_table, write_json
+
+    from contentv_jax.transformer import REMAT_CHOICES
+
+    bad = [r for r in remats if r not in REMAT_CHOICES]
+    if bad:
+        ap.error(f"--remat {bad} unknown; choose from {list(REMAT_CHOICES)}")
+    jobs = [(s, m, r, False) for s in shapes for m in meshes for r in remats]
+    if not args.no_fit:
+        jobs += [(parse_shape(s), meshes[0], r, True) for s in FIT_SHAPES for r in remats
+                 if parse_shape(s) not in shapes]
+    rows, fit_rows = [], []
+    for s, m, r, fit in tqdm(jobs, desc="compile"):
+        row = measure(args.model, s, m, r, args.per_device_batch, args.dtype)
+        (fit_rows if fit else rows).append(row)
+        tqdm.write(f"{row['shape']} {m} remat={r}: peak {row['peak_gib']:.1f} GiB/device "
+                   f"(state {row['state_gib']:.1f}, temp {row['temp_gib']:.1f}), compiled in {row['compile_s']:.0f} s")
+    print(f"\nper-device memory of a {args.model} training step ({args.dtype} compute, fp32 state), "
+          f"XLA compiled memory analysis on {need} virtual CPU devices\n")
+    if fit_rows:
+        add_flash_estimates(rows, fit_rows)
+    print(markdown_table(rows, COLUMNS))
+    if fit_rows:
+        print(f"\nfit points ({meshes[0]}): " + ", ".join(f"{r['shape']} {r['remat']} peak {r['peak_gib']:.1f} GiB"
+                                                       for r in fit_rows))
+    if args.json:
+        write_json(args.json, {"benchmark": "memory", "argv": sys.argv[1:] if argv is None else argv,
+                               "machine": machine_info(), "rows": rows, "fit_rows": fit_rows})
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
