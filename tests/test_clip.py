@@ -14,10 +14,10 @@ IMAGE, PATCH = 28, 7
 
 
 def make_tiny_clip_folder(path: str | Path, seed: int = 0, hidden_act: str = "quick_gelu", legacy_eos: bool = False,
-                          max_shard_size: str | None = None) -> Path:
+                          max_shard_size: str | None = None, max_positions: int = 12) -> Path:
     """A transformers CLIPModel folder (random weights, save_pretrained) + CLIPTokenizer + preprocessor config.
 
-    Tiny sizes: text 16 wide / 2 layers / 12 positions, vision 24 wide / 3 layers / 28 px, patch 7, projection 8.
+    Tiny sizes: text 16 wide / 2 layers / `max_positions` positions, vision 24 wide / 3 layers / 28 px, patch 7, projection 8.
     """
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -26,12 +26,12 @@ def make_tiny_clip_folder(path: str | Path, seed: int = 0, hidden_act: str = "qu
 
     path = Path(path)
     vocab, merges = _clip_vocab()
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=12)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_positions)
     tok.save_pretrained(path)
     CLIPImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}).save_pretrained(path)
     cfg = CLIPConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=40, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=12, hidden_act=hidden_act,
+                         num_attention_heads=2, max_position_embeddings=max_positions, hidden_act=hidden_act,
                          bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
                          eos_token_id=2 if legacy_eos else tok.eos_token_id),
         vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=3,
