@@ -50,25 +50,20 @@ class Checkpointer:
         return out["state"], out["data"]
 
     def restore_params(self, step: int | None, abstract_params, use_ema: bool = False):
-        """Only the (EMA) params of a checkpoint (initialising a later stage from an earlier one)."""
+        """Only the (EMA) params of a checkpoint, straight into the shardings of `abstract_params` (a tree of
+        ShapeDtypeStruct with shardings): initialising a later stage from an earlier one. The optimizer
+        state is not read."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoints")
         key = "ema_params" if use_ema else "params"
-        meta = self._manager.item_metadata(step)["state"]
-        target = {k: (abstract_params if k == key else None) for k in _top_keys(meta)}
-        restored = self._manager.restore(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item=target,
-                restore_args=jax.tree.map(
-                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
-                    target,
-                ),
-                partial_restore=True,
-            )),
-        )
-        return restored["state"][key]
+        target = {key: abstract_params}
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), target)
+        item = self.directory / str(step) / "state"
+        out = ocp.PyTreeCheckpointer().restore(
+            item, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+        return out[key]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -76,11 +71,6 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def _top_keys(meta) -> list[str]:
-    tree = getattr(meta, "tree", meta)
-    return list(tree.keys()) if hasattr(tree, "keys") else []
 
 
 def is_checkpoint_dir(path: str | Path) -> bool:

@@ -82,6 +82,8 @@ def base(model: str = "tiny") -> ml_collections.ConfigDict:
     c.data.buckets = [(9, 32, 48, 8)]  # (frames, height, width, global batch) in pixels
     c.data.bucket_weights = [1.0]
     c.data.num_captions = 16  # synthetic set: distinct captions (fixed random text embeddings each)
+    c.data.image_ratio = -1.0  # dataset: probability of an image batch (< 0: images and videos in one stream)
+    c.data.tokens_per_step = 0  # dataset: batch sizes from this token budget per bucket (0: the buckets' own)
 
     c.flow = ml_collections.ConfigDict()
     c.flow.timestep_sampling = "logit_normal"

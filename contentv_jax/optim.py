@@ -69,38 +69,43 @@ def ema_update(ema, params, decay: float):
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), ema, params)
 
 
-def tree_norm(tree) -> jax.Array:
-    """Global L2 norm of a tree, in fp32."""
-    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+def apply_update(state, grads, loss: jax.Array, tx: optax.GradientTransformation, ema_decay: float,
+                 schedule: optax.Schedule):
+    """One optimizer + EMA update of a train state, skipped when the loss or gradients are not finite.
 
-
-def apply_update(state, grads, loss, tx: optax.GradientTransformation, ema_decay: float, schedule: optax.Schedule):
-    """One optimizer + EMA update of a train state (fields step, params, opt_state, ema_params, nonfinite,
-    skipped: contentv_jax.train.TrainState), skipped when the loss or the gradient is not finite (params,
-    optimizer state and EMA keep their values; the skip is counted).
-
-    Returns (new state, metrics): grad_norm, param_norm, update_norm, lr, skipped (this step), nonfinite
-    (consecutive skips), fp32 scalars. Used by the RLHF step (contentv_jax.rlhf).
+    state: a `contentv_jax.train.TrainState` (step, params, opt_state, ema_params, nonfinite, skipped);
+    grads: like params; loss: [] fp32. On a non-finite loss / gradient norm, params, optimizer state and EMA
+    keep their values, `nonfinite` (consecutive) and `skipped` (total) count it; `step` always advances.
+    Returns (new_state, metrics): flat fp32 scalars loss, grad_norm, param_norm, update_norm, lr, skipped
+    (this step), nonfinite (consecutive). Used by the train step and the RLHF step (contentv_jax.rlhf).
     """
     grad_norm = tree_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = jax.tree.map(jnp.add, state.params, updates)
+    new_params = optax.apply_updates(state.params, updates)
+    new_ema = ema_update(state.ema_params, new_params, ema_decay)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
     new_state = state.replace(
         step=state.step + 1,
         params=keep(new_params, state.params),
         opt_state=keep(new_opt, state.opt_state),
-        ema_params=keep(ema_update(state.ema_params, new_params, ema_decay), state.ema_params),
+        ema_params=keep(new_ema, state.ema_params),
         nonfinite=jnp.where(ok, 0, state.nonfinite + 1),
         skipped=state.skipped + (~ok).astype(jnp.int32),
     )
     metrics = {
+        "loss": loss,
         "grad_norm": grad_norm,
         "param_norm": tree_norm(new_state.params),
         "update_norm": jnp.where(ok, tree_norm(updates), 0.0),
-        "lr": schedule(state.step - state.skipped),
+        "lr": jnp.asarray(schedule(state.step - state.skipped), jnp.float32),
         "skipped": (~ok).astype(jnp.float32),
         "nonfinite": new_state.nonfinite.astype(jnp.float32),
     }
     return new_state, metrics
+
+
+def tree_norm(tree) -> jax.Array:
+    """Global L2 norm of a tree, in fp32."""
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+

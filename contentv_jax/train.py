@@ -33,7 +33,7 @@ from contentv_jax.checkpoint import Checkpointer, is_checkpoint_dir
 from contentv_jax.data import BATCH_KEYS, BATCH_NDIMS, BatchSource, make_source
 from contentv_jax.flow import flow_matching_loss
 from contentv_jax.metrics import MetricsWriter, peak_flops, train_step_flops
-from contentv_jax.optim import ema_update, lr_schedule, make_optimizer, tree_norm
+from contentv_jax.optim import apply_update, lr_schedule, make_optimizer
 from contentv_jax.sampler import EvalSampler
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -142,41 +142,19 @@ def make_train_step(model, tx, config, patch_size: int) -> Callable:
             return {n: shd.constrain(x.reshape(b // k, k, *x.shape[1:])[:, j], ("batch",) + (None,) * (x.ndim - 1))
                     for n, x in batch.items()}
 
-        def accumulate(carry, j):
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, micro(j), jax.random.fold_in(rng, j))
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+        def grad_of(micro_batch, j):
+            return jax.value_and_grad(loss_fn)(state.params, micro_batch, jax.random.fold_in(rng, j))
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
         if k == 1:
-            loss, grads = accumulate(zeros, 0)[0]
+            loss, grads = grad_of(batch, 0)
         else:
-            loss, grads = jax.lax.scan(accumulate, zeros, jnp.arange(k))[0]
-        loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+            def accumulate(carry, j):
+                return jax.tree.map(jnp.add, carry, grad_of(micro(j), j)), None
 
-        grad_norm = tree_norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = jax.tree.map(jnp.add, state.params, updates)
-        new_ema = ema_update(state.ema_params, new_params, config.optim.ema_decay)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-        new_state = state.replace(
-            step=state.step + 1,
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt, state.opt_state),
-            ema_params=keep(new_ema, state.ema_params),
-            nonfinite=jnp.where(ok, 0, state.nonfinite + 1),
-            skipped=state.skipped + (~ok).astype(jnp.int32),
-        )
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "param_norm": tree_norm(new_state.params),
-            "update_norm": jnp.where(ok, tree_norm(updates), 0.0),
-            "lr": schedule(state.step - state.skipped),
-            "skipped": (~ok).astype(jnp.float32),
-            "nonfinite": new_state.nonfinite.astype(jnp.float32),
-        }
-        return new_state, metrics
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            loss, grads = jax.lax.scan(accumulate, zeros, jnp.arange(k))[0]
+            loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+        return apply_update(state, grads, loss, tx, config.optim.ema_decay, schedule)
 
     return step_fn
 
