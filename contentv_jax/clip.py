@@ -85,9 +85,10 @@ class CLIPConfig:
         names = {f.name for f in dataclasses.fields(CLIPTowerConfig)}
 
         def tower(sub: str, defaults: dict) -> CLIPTowerConfig:
-            if not isinstance(d.get(sub), Mapping):
+            section = d.get(sub) or d.get(f"{sub}_dict")  # transformers < 4.27 wrote `text_config_dict` too
+            if not isinstance(section, Mapping):
                 raise ValueError(f"CLIP config: missing the {sub!r} section of a CLIPModel config.json")
-            return CLIPTowerConfig(**{**defaults, **{k: v for k, v in d[sub].items() if k in names}})
+            return CLIPTowerConfig(**{**defaults, **{k: v for k, v in section.items() if k in names}})
 
         return cls(
             text=tower("text_config", _TEXT_DEFAULTS),
