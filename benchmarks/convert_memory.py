@@ -25,6 +25,7 @@ import numpy as np
 
 from contentv_common.config import get_preset
 from contentv_common.weights import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, atomic_dir, iter_tensors
+from convert import sd3_original
 from convert.formats import Planned, expected_torch_shapes, write_safetensors
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -50,6 +51,36 @@ def generate(folder: Path, preset: str) -> tuple[int, int]:
     return len(shapes), sum(t.nbytes for t in planned)
 
 
+def original_shapes(preset: str) -> dict[str, tuple[int, ...]]:
+    """Original single-file key (without prefix) -> shape, from the diffusers shapes (+ the 2D pos_embed table)."""
+    cfg = get_preset(preset).transformer
+    shapes = expected_torch_shapes("transformer", cfg)
+    shapes["pos_embed.pos_embed"] = (1, cfg.pos_embed_max_size**2, cfg.inner_dim)
+    out = {}
+    for k, piece in sd3_original.key_table(cfg, pos_embed=True).items():
+        s = shapes[k]
+        out[piece.original] = (3 * s[0], *s[1:]) if piece.op == "qkv" else s
+    return out
+
+
+def generate_sd3_original(file: Path, preset: str) -> tuple[int, int]:
+    shapes = original_shapes(preset)
+    planned = [Planned(sd3_original.PREFIX + k, s, BF16, (lambda k=k, s=s: iter([pattern(k, s)])))
+               for k, s in sorted(shapes.items())]
+    file.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(file.parent, planned, file.name, file.name + ".index.json", max_shard_bytes=2**62, desc="generate")
+    return len(shapes), sum(t.nbytes for t in planned)
+
+
+def expected_diffusers(key: str, shapes: dict, table: dict | None, orig: dict | None) -> np.ndarray:
+    """What the diffusers tensor `key` must hold for the generated data of either source (table / orig: the SD3
+    original key table and shapes, None for a diffusers source)."""
+    if table is None:
+        return pattern(key, shapes[key])
+    piece = table[key]
+    return sd3_original.apply(piece, pattern(piece.original, orig[piece.original]))
+
+
 def run_child(argv: list[str]) -> tuple[float, float]:
     """(peak RSS in GiB, wall seconds) of one child process."""
     t0 = time.perf_counter()
@@ -64,37 +95,47 @@ def run_child(argv: list[str]) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="contentv-8b")
+    ap.add_argument("--source", choices=["diffusers", "sd3-original"], default="diffusers")
     ap.add_argument("--dir", default="/work/tmp-convert-bench")
     ap.add_argument("--keep", action="store_true", help="keep the written folders")
     args = ap.parse_args()
     root = Path(args.dir)
-    src, jax_dst, back = root / "torch", root / "jax", root / "back"
+    src = root / ("sd3.5_large.safetensors" if args.source == "sd3-original" else "torch")
+    jax_dst, back = root / "jax", root / "back"
     for p in (src, jax_dst, back):
-        shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     try:
         t0 = time.perf_counter()
-        n, nbytes = generate(src, args.preset)
+        if args.source == "sd3-original":
+            n, nbytes = generate_sd3_original(src, args.preset)
+        else:
+            n, nbytes = generate(src, args.preset)
         gen_s = time.perf_counter() - t0
         print(f"generated {n} tensors, {nbytes / 1e9:.2f} GB in {gen_s:.0f}s", flush=True)
         rss_jax, s_jax = run_child(["-m", "convert", "--to", "jax", str(src), str(jax_dst)])
-        print(f"torch -> jax: peak RSS {rss_jax:.2f} GiB, {s_jax:.0f}s", flush=True)
+        print(f"{args.source} -> jax: peak RSS {rss_jax:.2f} GiB, {s_jax:.0f}s", flush=True)
         if not args.keep:
-            shutil.rmtree(src)
+            shutil.rmtree(src) if src.is_dir() else src.unlink()
         rss_back, s_back = run_child(["-m", "convert", "--to", "torch", str(jax_dst), str(back)])
         print(f"jax -> torch: peak RSS {rss_back:.2f} GiB, {s_back:.0f}s", flush=True)
-        shapes = expected_torch_shapes("transformer", get_preset(args.preset).transformer)
-        sample = sorted(shapes)[:: max(1, len(shapes) // 40)]
+        cfg = get_preset(args.preset).transformer
+        shapes = expected_torch_shapes("transformer", cfg)
+        table = orig = None
+        if args.source == "sd3-original":
+            table, orig = sd3_original.key_table(cfg, pos_embed=False), original_shapes(args.preset)
+        sample = sorted(shapes)[:: max(1, len(shapes) // 40)] + ["norm_out.linear.weight", "transformer_blocks.0.attn.to_v.bias"]
         for k, t in iter_tensors(back, framework="numpy", keys=sample):
-            if t.dtype != BF16 or not np.array_equal(t.view(np.uint16), pattern(k, shapes[k]).view(np.uint16)):
+            want = expected_diffusers(k, shapes, table, orig)
+            if t.dtype != BF16 or not np.array_equal(t.view(np.uint16), want.view(np.uint16)):
                 raise SystemExit(f"round trip changed {k}")
         print(f"round trip bit-exact on {len(sample)} sampled tensors", flush=True)
-        print(f"| convert {args.preset} ({n} tensors, {nbytes / 1e9:.1f} GB bf16, diffusers -> jax -> torch) | "
+        print(f"| convert {args.preset} ({n} tensors, {nbytes / 1e9:.1f} GB bf16, {args.source} -> jax -> torch) | "
               f"peak RSS {rss_jax:.2f} / {rss_back:.2f} GiB | {s_jax:.0f} s / {s_back:.0f} s | "
               f"{nbytes / 1e9 / s_jax:.2f} / {nbytes / 1e9 / s_back:.2f} GB/s | CPU, 2 cores |")
     finally:
         if not args.keep:
             for p in (src, jax_dst, back):
-                shutil.rmtree(p, ignore_errors=True)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

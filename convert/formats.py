@@ -288,7 +288,7 @@ def open_wan_original(path: Path) -> Source:
     table = wan.key_table(cfg)
     _check_names(set(oshapes), set(table.values()), f"{path} (Wan original keys)")
     shapes = {k: oshapes[o] for k, o in table.items()}
-    dtypes = {k: torch_to_numpy(sd[o][(0,) * sd[o].ndim].reshape(1)).dtype for k, o in table.items()}
+    dtypes = {k: torch_to_numpy(sd[o].new_empty(0)).dtype for k, o in table.items()}
     return Source("vae", "wan-original", path, cfg, shapes, dtypes, lambda k: torch_to_numpy(sd[table[k]]))
 
 
