@@ -15,8 +15,9 @@ EPILOG = "source formats (detected automatically; --from forces one):\n" + "\n".
 outputs:
   --to torch   diffusers layout: config.json + diffusion_pytorch_model*.safetensors [+ index]
                (loads in contentv_torch and in the released ContentV SD3Transformer3DModel.from_pretrained)
-  --to jax     our Flax format: config.json + flax_params*.safetensors (the '/'-flattened Flax params tree;
-               contentv_jax --init-from and convert.formats.load_params read it)
+  --to jax     our Flax format: config.json + flax_params*.safetensors (the '/'-flattened Flax params tree,
+               scanned layers stacked; read with convert.formats.iter_params / load_params, leaf by leaf)
+  (the trainer's --init-from reads a --to torch folder or a training checkpoint dir)
   A whole ContentV folder in gives a whole folder out; --components DIR adds the other parts of a model
   folder (vae/, text encoders, tokenizers, scheduler/, model_index.json) to a converted transformer.
 
