@@ -15,8 +15,9 @@ differentiable preprocessing); H = W = `vision.image_size`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -65,8 +66,8 @@ class CLIPTowerConfig:
         return (self.image_size // self.patch_size) ** 2 + 1
 
 
-_TEXT_DEFAULTS = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8)
-_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+_TEXT_DEFAULTS = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8}
+_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class CLIPConfig:
     logit_scale_init_value: float = 2.6592
 
     @classmethod
-    def from_transformers(cls, d: Mapping[str, Any]) -> "CLIPConfig":
+    def from_transformers(cls, d: Mapping[str, Any]) -> CLIPConfig:
         """From a transformers `CLIPModel` `config.json` dict; fields it omits take transformers' defaults,
         fields other than ours (dropout, init ranges, old-version metadata) are ignored."""
         if d.get("model_type", "clip") != "clip":
@@ -87,7 +88,8 @@ class CLIPConfig:
         def tower(sub: str, defaults: dict) -> CLIPTowerConfig:
             section = d.get(sub) or d.get(f"{sub}_dict")  # transformers < 4.27 wrote `text_config_dict` too
             if not isinstance(section, Mapping):
-                raise ValueError(f"CLIP config: missing the {sub!r} section of a CLIPModel config.json")
+                raise ValueError(  # noqa: TRY004 - a bad file, not a bad argument type
+                    f"CLIP config: missing the {sub!r} section of a CLIPModel config.json")
             return CLIPTowerConfig(**{**defaults, **{k: v for k, v in section.items() if k in names}})
 
         return cls(

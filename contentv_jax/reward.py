@@ -11,8 +11,9 @@ laion CLIP-ViT-H-14 folder, hence the separate `processor_folder`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +94,7 @@ class CLIPReward:
         self._token_cache: dict[str, np.ndarray] = {}
 
     @classmethod
-    def from_folder(cls, folder: str | Path, processor_folder: str | Path | None = None, **kw) -> tuple["CLIPReward", dict]:
+    def from_folder(cls, folder: str | Path, processor_folder: str | Path | None = None, **kw) -> tuple[CLIPReward, dict]:
         """A transformers CLIPModel folder (+ a folder with `preprocessor_config.json` and the CLIPTokenizer
         files; default: the same folder) -> (reward, params of numpy arrays). Local files only."""
         from transformers import CLIPTokenizer

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -50,7 +50,12 @@ from contentv_jax.optim import apply_update, lr_schedule, make_optimizer
 from contentv_jax.reward import RewardModel
 from contentv_jax.sampler import euler_sample
 from contentv_jax.train import (
-    TrainState, abstract_with_shardings, build_model, create_train_state, load_init_params, place_batch,
+    TrainState,
+    abstract_with_shardings,
+    build_model,
+    create_train_state,
+    load_init_params,
+    place_batch,
 )
 
 sg = jax.lax.stop_gradient
@@ -126,7 +131,7 @@ class PromptSet:
             raise ValueError(f"PromptSet: {n} prompts, context {self.context.shape}, pooled {self.pooled.shape}")
 
     @classmethod
-    def from_source(cls, source, n: int) -> "PromptSet":
+    def from_source(cls, source, n: int) -> PromptSet:
         """Up to n captions of a batch source with the trainer's `eval_prompts(n)` (the synthetic set: its
         captions, zero negatives; a dataset folder: its first readable records, its stored empty prompt)."""
         if not hasattr(source, "eval_prompts"):
@@ -136,7 +141,7 @@ class PromptSet:
                    np.asarray(p["neg_context"][0]), np.asarray(p["neg_pooled"][0]))
 
     @classmethod
-    def from_file(cls, path: str | Path, text_encoders: str | Path, max_sequence_length: int, chunk: int = 8) -> "PromptSet":
+    def from_file(cls, path: str | Path, text_encoders: str | Path, max_sequence_length: int, chunk: int = 8) -> PromptSet:
         """One prompt per non-empty line of `path`, encoded once with the folder's CLIP-L / bigG / T5 (PyTorch)."""
         import torch
         from tqdm import tqdm
@@ -160,12 +165,12 @@ class PromptSet:
         return cls(prompts, np.concatenate(ctx), np.concatenate(pooled), neg.prompt_embeds[0].float().numpy(),
                    neg.pooled[0].float().numpy())
 
-    def split(self, num_heldout: int) -> tuple["PromptSet", "PromptSet"]:
+    def split(self, num_heldout: int) -> tuple[PromptSet, PromptSet]:
         """(train, held-out): the last `num_heldout` prompts are held out."""
         n = len(self.prompts)
         if not 0 < num_heldout < n:
             raise ValueError(f"rlhf.num_heldout={num_heldout} must be in [1, {n - 1}] for {n} prompts")
-        take = lambda sl: PromptSet(self.prompts[sl], self.context[sl], self.pooled[sl],  # noqa: E731
+        take = lambda sl: PromptSet(self.prompts[sl], self.context[sl], self.pooled[sl],
                                     self.negative_context, self.negative_pooled)
         return take(slice(0, n - num_heldout)), take(slice(n - num_heldout, n))
 

@@ -66,9 +66,9 @@ def clip_rules(config) -> list[Rule]:
 
 def _expected_torch_shapes(config) -> dict[str, tuple[int, ...]]:
     """Torch key -> shape of a CLIPModel with this config, from the Flax model's abstract init (no weights)."""
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import flax.linen as nn
 
     from contentv_jax.clip import CLIP
     from convert.keymap import TO_TORCH

@@ -1,7 +1,6 @@
 """Flax CLIP (contentv_jax/clip.py) vs transformers CLIPModel; key map; differentiable CLIP reward."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +29,12 @@ def make_tiny_clip_folder(path: str | Path, seed: int = 0, hidden_act: str = "qu
     tok.save_pretrained(path)
     CLIPImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}).save_pretrained(path)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=40, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=max_positions, hidden_act=hidden_act,
-                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
-                         eos_token_id=2 if legacy_eos else tok.eos_token_id),
-        vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=3,
-                           image_size=IMAGE, patch_size=PATCH, hidden_act=hidden_act, initializer_factor=4.0),
+        text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 40, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": max_positions, "hidden_act": hidden_act,
+                     "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
+                     "eos_token_id": 2 if legacy_eos else tok.eos_token_id},
+        vision_config={"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 3,
+                       "image_size": IMAGE, "patch_size": PATCH, "hidden_act": hidden_act, "initializer_factor": 4.0},
         projection_dim=8, logit_scale_init_value=1.7,
     )
     torch.manual_seed(seed)

@@ -48,7 +48,7 @@ def test_rlhf_gradient_paths(parts):
     from contentv_common.config import get_preset
     from contentv_jax.data import make_source
     from contentv_jax.rlhf import PromptSet, load_vae, make_objective
-    from contentv_jax.train import build_model, _dummy_inputs
+    from contentv_jax.train import _dummy_inputs, build_model
 
     config = _config(vae=parts["vae"], decode_remat=True, batch=2, guidance=3.0)  # CFG path in rollout and grad step
     preset = get_preset("tiny")
@@ -113,3 +113,26 @@ def test_rlhf_raises_heldout_reward(parts, tmp_path):
         assert ckpt.latest_step() == STEPS
     finally:
         ckpt.close()
+
+
+def test_prompt_file(tmp_path):
+    """--prompts FILE: each line encoded once by the folder's CLIP-L / bigG / T5 (the DiT's conditioning), the
+    empty prompt as the CFG negative; the held-out split takes the last lines."""
+    from contentv_common.config import get_preset
+    from contentv_jax.rlhf import PromptSet
+    from tests.tiny_models import make_tiny_contentv_folder
+
+    t = get_preset("tiny").text
+    folder = make_tiny_contentv_folder(tmp_path / "model")
+    lines = ["a red car on the street", "", "a bird flying over the sea", "the city at night", "a big dog"]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
+    ps = PromptSet.from_file(tmp_path / "prompts.txt", folder, t.t5_max_tokens, chunk=3)
+    assert ps.prompts == [p for p in lines if p]
+    assert ps.context.shape == (4, t.context_tokens, t.t5_hidden) and ps.pooled.shape == (4, t.pooled_dim)
+    assert ps.negative_context.shape == (t.context_tokens, t.t5_hidden) and ps.negative_pooled.shape == (t.pooled_dim,)
+    assert np.isfinite(ps.context).all() and not np.allclose(ps.context[0], ps.context[1])
+    assert not np.allclose(ps.negative_pooled, ps.pooled[0])
+    train, held = ps.split(1)
+    assert held.prompts == ["a big dog"] and len(train.prompts) == 3
+    with pytest.raises(ValueError, match="num_heldout"):
+        ps.split(4)
