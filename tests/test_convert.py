@@ -190,7 +190,10 @@ def test_sd35_single_file_and_diffusers_folder_to_torch_and_jax(tmp_path, capsys
         cfg, params = load_params(tmp_path / f"{name}.jax")
         assert cfg.num_layers == TINY.num_layers and cfg.joint_attention_dim == TINY.joint_attention_dim
         _assert_trees_equal(params, want_flax)
-    _assert_trees_equal(load_params(tmp_path / "sd35")[1], want_flax)  # straight from SD3.5 (what --init-from needs)
+    _assert_trees_equal(load_params(tmp_path / "sd35")[1], want_flax)  # straight from SD3.5 into Flax
+    from convert.transformer_keys import transformer_params_from_folder  # the trainer's --init-from reader
+
+    _assert_trees_equal(transformer_params_from_folder(tmp_path / "sd3.5_large.safetensors.torch")[1], want_flax)
     _, p32 = load_params(tmp_path / "sd3.5_large.safetensors", dtype="float32")
     _assert_trees_equal(p32, torch_to_flax(((k, v.float().numpy()) for k, v in video.items()), transformer_rules(TINY)))
 
