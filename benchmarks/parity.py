@@ -1,0 +1,231 @@
+"""Numerical parity of the PyTorch and JAX models on one checkpoint folder.
+
+    python -m benchmarks.parity --checkpoint DIR [--inputs IN.safetensors] [--output OUT.safetensors]
+                                [--dtype float32|bfloat16] [--seed 0]
+
+DIR is a diffusers-layout model folder (config.json + safetensors, single or sharded); its config's
+`_class_name` picks the runner in RUNNERS. Both frameworks run the folder's weights on the same inputs
+(from --inputs, or random ones with shapes from the config and small sizes); a table reports max |torch - jax|,
+rel_err = ||jax - torch|| / ||torch|| and pass / fail against the tolerance of the dtype. --output writes the
+two outputs (keys `torch`, `jax`, torch layout, float32) atomically. Exit status 0 when every row passes, 1
+otherwise, 2 on bad arguments or inputs.
+
+Transformer folders (`SD3Transformer3DModel`): inputs keys `hidden_states` [B, C, T, H, W],
+`encoder_hidden_states` [B, L, joint_attention_dim], `pooled_projections` [B, pooled_projection_dim],
+`timestep` [B] in [0, 1000]; output [B, out_channels, T, H, W].
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from contentv_common.config import read_json
+from contentv_common.weights import CONFIG_NAME, atomic_file
+
+# Parity tolerances on rel_err (DESIGN.md: Flax vs PyTorch fp32 <= 1e-4; bf16 paths <= 2e-2).
+TOLERANCES = {"float32": 1e-4, "bfloat16": 2e-2}
+
+
+@dataclass
+class ParityResult:
+    """One compared output: both frameworks' results in the torch layout, float32."""
+
+    name: str
+    torch: np.ndarray
+    jax: np.ndarray
+
+    @property
+    def max_abs(self) -> float:
+        return float(np.max(np.abs(self.jax.astype(np.float64) - self.torch)))
+
+    @property
+    def rel_err(self) -> float:
+        a, b = self.jax.astype(np.float64), self.torch.astype(np.float64)
+        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# (folder, inputs file or None, dtype name, seed) -> results
+Runner = Callable[[Path, "Path | None", str, int], list[ParityResult]]
+
+
+def read_inputs(path: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """A .safetensors file -> {key: float32 array} holding exactly `required` (errors name the file and keys)."""
+    from contentv_common.weights import iter_tensors
+
+    tensors = {k: np.asarray(v).astype(np.float32) for k, v in iter_tensors(path, framework="flax")}
+    missing = [k for k in required if k not in tensors]
+    unexpected = sorted(set(tensors) - set(required))
+    if missing or unexpected:
+        raise ValueError(f"{path}: inputs file needs keys {list(required)}; missing {missing}, unexpected {unexpected}")
+    return tensors
+
+
+# ------------------------------------------------------------------------------------------ transformer
+
+TRANSFORMER_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+
+
+def random_transformer_inputs(cfg, seed: int, batch: int = 2, frames: int = 3, height: int = 8, width: int = 12,
+                              text_tokens: int = 16) -> dict[str, np.ndarray]:
+    """Small random inputs (torch layout) with distinct per-sample timesteps in [0, 1000)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "hidden_states": rng.standard_normal((batch, cfg.in_channels, frames, height, width)).astype(np.float32),
+        "encoder_hidden_states": rng.standard_normal((batch, text_tokens, cfg.joint_attention_dim)).astype(np.float32),
+        "pooled_projections": rng.standard_normal((batch, cfg.pooled_projection_dim)).astype(np.float32),
+        "timestep": (1000 * (np.arange(batch) + rng.uniform(0.1, 0.9, batch)) / batch).astype(np.float32),
+    }
+
+
+def run_transformer(folder: Path, inputs_path: Path | None, dtype: str, seed: int) -> list[ParityResult]:
+    """torch `ContentVTransformer3DModel.from_pretrained(folder)` vs the Flax `ContentVTransformer` with the
+    folder's weights through the key map; both compute in `dtype` (parameters cast to it)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from contentv_jax.transformer import ContentVTransformer
+    from contentv_torch.transformer import ContentVTransformer3DModel
+    from convert.transformer_keys import transformer_params_from_folder
+
+    model = ContentVTransformer3DModel.from_pretrained(folder, dtype=getattr(torch, dtype))
+    cfg = model.config
+    inp = read_inputs(inputs_path, TRANSFORMER_INPUTS) if inputs_path else random_transformer_inputs(cfg, seed)
+    t_in = {k: torch.from_numpy(v) for k, v in inp.items()}
+    try:
+        model.check_inputs(**t_in)
+    except ValueError as e:
+        raise ValueError(f"{inputs_path or 'random inputs'}: {e}") from None
+    with torch.no_grad():
+        out_torch = model(**t_in).float().numpy()
+    del model
+
+    jdt = jnp.dtype(dtype)
+    _, params = transformer_params_from_folder(folder)
+    params = jax.tree.map(lambda w: jnp.asarray(w, jdt), params)
+    jmodel = ContentVTransformer(cfg, dtype=jdt, param_dtype=jdt)
+    out = jax.jit(jmodel.apply)(
+        {"params": params}, inp["hidden_states"].transpose(0, 2, 3, 4, 1), inp["timestep"],
+        inp["encoder_hidden_states"], inp["pooled_projections"],
+    )  # [B, T, H, W, C_out]
+    out_jax = np.asarray(out.astype(jnp.float32)).transpose(0, 4, 1, 2, 3)
+    return [ParityResult("transformer", out_torch, out_jax)]
+
+
+# ------------------------------------------------------------------------------------------ vae
+
+VAE_INPUTS = ("video", "latents")
+
+
+def random_vae_inputs(cfg, seed: int, batch: int = 2, frames: int = 9, height: int = 16, width: int = 24) -> dict[str, np.ndarray]:
+    """Small random inputs (torch layout): `video` [B, 3, F, H, W] in [-1, 1], `latents` [B, z, T, H/8, W/8]."""
+    rng = np.random.default_rng(seed)
+    s = cfg.spatial_factor
+    return {
+        "video": np.tanh(rng.standard_normal((batch, 3, frames, height, width))).astype(np.float32),
+        "latents": rng.standard_normal((batch, cfg.z_dim, cfg.latent_frames(frames), height // s, width // s)).astype(np.float32),
+    }
+
+
+def run_vae(folder: Path, inputs_path: Path | None, dtype: str, seed: int) -> list[ParityResult]:
+    """torch `WanVAE.from_pretrained(folder)` vs the Flax `WanVAE` with the folder's weights through the key map,
+    both in `dtype`: `encode` = the posterior mean (raw, before latent normalisation) of `video`, `decode` = the
+    decoded `latents`. Inputs from --inputs (keys `video` and/or `latents`; an absent key is drawn at random)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from contentv_common.weights import iter_tensors
+    from contentv_jax.vae import WanVAE as FlaxWanVAE
+    from contentv_torch.vae import WanVAE
+    from convert.vae_keys import vae_params_from_folder
+
+    model = WanVAE.from_pretrained(folder, dtype=getattr(torch, dtype))
+    cfg = model.config
+    inp = random_vae_inputs(cfg, seed)
+    if inputs_path is not None:
+        given = {k: np.asarray(v).astype(np.float32) for k, v in iter_tensors(inputs_path, framework="flax")}
+        unexpected = sorted(set(given) - set(VAE_INPUTS))
+        if unexpected:
+            raise ValueError(f"{inputs_path}: unexpected keys {unexpected}; a VAE inputs file holds {list(VAE_INPUTS)}")
+        inp.update(given)
+    tdt = getattr(torch, dtype)
+    try:
+        with torch.no_grad():
+            enc_torch = model.encode(torch.from_numpy(inp["video"]).to(tdt))[0].float().numpy()
+            dec_torch = model.decode(torch.from_numpy(inp["latents"]).to(tdt)).float().numpy()
+    except ValueError as e:
+        raise ValueError(f"{inputs_path or 'random inputs'}: {e}") from None
+    del model
+
+    jdt = jnp.dtype(dtype)
+    _, params = vae_params_from_folder(folder)
+    params = {"params": jax.tree.map(lambda w: jnp.asarray(w, jdt), params)}
+    jmodel = FlaxWanVAE(cfg, dtype=jdt, param_dtype=jdt)
+    mean = jax.jit(lambda p, x: jmodel.apply(p, x, method="encode")[0])(params, inp["video"].transpose(0, 2, 3, 4, 1).astype(jdt))
+    dec = jax.jit(lambda p, z: jmodel.apply(p, z, method="decode"))(params, inp["latents"].transpose(0, 2, 3, 4, 1).astype(jdt))
+    to_torch_layout = lambda a: np.asarray(a.astype(jnp.float32)).transpose(0, 4, 1, 2, 3)  # [B, T, H, W, C] -> [B, C, T, H, W]
+    return [ParityResult("encode", enc_torch, to_torch_layout(mean)), ParityResult("decode", dec_torch, to_torch_layout(dec))]
+
+
+# `_class_name` of the folder's config.json -> runner.
+RUNNERS: dict[str, Runner] = {
+    "SD3Transformer3DModel": run_transformer,
+    "AutoencoderKLWan": run_vae,
+}
+
+
+def format_table(results: list[ParityResult], dtype: str, tol: float) -> str:
+    head = f"{'output':<14}{'dtype':<10}{'shape':<24}{'max_abs':>11}{'rel_err':>11}{'tol':>9}  result"
+    rows = [head, "-" * len(head)]
+    for r in results:
+        ok = "PASS" if r.rel_err <= tol else "FAIL"
+        rows.append(f"{r.name:<14}{dtype:<10}{str(r.torch.shape):<24}{r.max_abs:>11.3e}{r.rel_err:>11.3e}{tol:>9.0e}  {ok}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, type=Path, help="diffusers-layout model folder")
+    ap.add_argument("--inputs", type=Path, help=".safetensors with the model's input keys (default: random)")
+    ap.add_argument("--output", type=Path, help="write keys `torch` and `jax` here (.safetensors)")
+    ap.add_argument("--dtype", default="float32", choices=sorted(TOLERANCES))
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    args = ap.parse_args(argv)
+
+    try:
+        if not args.checkpoint.is_dir():
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint}: not a model folder")
+        kind = read_json(args.checkpoint / CONFIG_NAME).get("_class_name")
+        if kind not in RUNNERS:
+            raise ValueError(f"{args.checkpoint / CONFIG_NAME}: _class_name {kind!r} has no parity runner; "
+                             f"known: {sorted(RUNNERS)}")
+        if args.inputs is not None and not args.inputs.is_file():
+            raise FileNotFoundError(f"--inputs {args.inputs}: no such file")
+        results = RUNNERS[kind](args.checkpoint, args.inputs, args.dtype, args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        ap.error(str(e))
+
+    tol = TOLERANCES[args.dtype]
+    print(f"parity of {args.checkpoint} ({kind}), torch vs jax, rel_err = ||jax - torch|| / ||torch||")
+    print(format_table(results, args.dtype, tol))
+    if args.output is not None:
+        from safetensors.numpy import save_file
+
+        if len(results) == 1:
+            tensors = {"torch": results[0].torch, "jax": results[0].jax}
+        else:
+            tensors = {f"{r.name}.{fw}": getattr(r, fw) for r in results for fw in ("torch", "jax")}
+        with atomic_file(args.output) as tmp:
+            save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(tmp))
+        print(f"wrote {args.output}")
+    return 0 if all(r.rel_err <= tol for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
