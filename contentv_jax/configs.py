@@ -16,8 +16,8 @@ Buckets are (frames, height, width, batch) in pixels; each is one static shape a
 dynamic batch size per bucket keeps tokens per step about constant.
 
 Default (no arguments): `python -m contentv_jax.train` == `--config tiny` (stage video_lowres) trains the
-tiny MM-DiT on the built-in synthetic captioned set on CPU; its loss falls from about 2.1 to about 1.6
-in 150 steps (see the README / report for the measured run).
+tiny MM-DiT on the built-in synthetic captioned set on CPU; measured: loss 2.51 at step 10 -> 1.69 at
+step 150, 60 s wall including start-up and compile (2-core shared CPU box, 2026-11-27).
 """
 from __future__ import annotations
 

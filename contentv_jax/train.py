@@ -285,6 +285,8 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
         raise ValueError(f"--resume {resume!r}: expected auto, no or a step number")
     if latest is not None and resume == "no":
         raise ValueError(f"--checkpoint-dir {checkpoint_dir} already holds step {latest}; use --resume auto or an empty dir")
+    if resume.isdigit() and ckpt is None:
+        raise ValueError(f"--resume {resume} needs --checkpoint-dir")
     resume_step = int(resume) if resume.isdigit() else latest if resume == "auto" else None
     if resume_step is not None:
         # 1. train state (params, optimizer, EMA, step, RNG, skip counters) straight into its shardings;

@@ -169,3 +169,34 @@ def test_flop_formula_matches_xla_count():
     big = transformer_flops(get_preset("contentv-8b").transformer, (31, 54, 96), 333, 1)
     assert 2 * 8.06e9 * 31 * 27 * 48 < big < 3 * 2 * 8.06e9 * (31 * 27 * 48 + 333)  # ~2 * params * tokens + attention
     assert rel_err(transformer_flops(cfg, (t, h, w), l, 4), 2 * transformer_flops(cfg, (t, h, w), l, 2)) < 1e-12
+
+
+def test_gradient_accumulation_is_the_mean_over_strided_micro_batches():
+    """optim.grad_accum=2: loss / gradient = mean over micro-batches rows j, j+2, ... (key fold_in(step key, j))."""
+    import flax.linen as nn
+
+    from contentv_jax.train import TrainState, make_train_step
+
+    class Toy(nn.Module):  # a velocity model with the DiT's call signature
+        @nn.compact
+        def __call__(self, x, t, c, p):
+            return nn.Dense(x.shape[-1])(x) * (1 + t[:, None, None, None, None] / 1000) + jnp.mean(c) + jnp.mean(p)
+
+    config = configs.get_config("tiny")
+    config.optim.grad_accum = 2
+    toy, tx = Toy(), optim.make_optimizer(config.optim, 10)
+    batch = _batch(b=4)
+    params = toy.init(jax.random.PRNGKey(0), batch["latents"], jnp.ones(4), batch["context"], batch["pooled"])["params"]
+    state = TrainState(step=jnp.array(3, jnp.int32), params=params, opt_state=tx.init(params), ema_params=params,
+                       rng=jax.random.PRNGKey(5), nonfinite=jnp.array(0, jnp.int32), skipped=jnp.array(0, jnp.int32))
+    _, metrics = jax.jit(make_train_step(toy, tx, config, patch_size=2))(state, batch)
+
+    apply_fn = lambda p, *a: toy.apply({"params": p}, *a)  # noqa: E731
+    step_key = jax.random.fold_in(state.rng, 3)
+    losses, grads = zip(*[
+        jax.value_and_grad(lambda p, j=j: flow.flow_matching_loss(
+            apply_fn, p, {k: v[j::2] for k, v in batch.items()}, jax.random.fold_in(step_key, j), config.flow, 2)[0])(params)
+        for j in range(2)])
+    np.testing.assert_allclose(metrics["loss"], np.mean(losses), rtol=1e-6)
+    mean_grads = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+    np.testing.assert_allclose(metrics["grad_norm"], optim.tree_norm(mean_grads), rtol=1e-5)
