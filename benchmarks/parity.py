@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -109,10 +109,12 @@ def run_transformer(folder: Path, inputs_path: Path | None, dtype: str, seed: in
     _, params = transformer_params_from_folder(folder)
     params = jax.tree.map(lambda w: jnp.asarray(w, jdt), params)
     jmodel = ContentVTransformer(cfg, dtype=jdt, param_dtype=jdt)
-    out = jax.jit(jmodel.apply)(
-        {"params": params}, inp["hidden_states"].transpose(0, 2, 3, 4, 1), inp["timestep"],
-        inp["encoder_hidden_states"], inp["pooled_projections"],
-    )  # [B, T, H, W, C_out]
+    # float32 means float32 matmuls on every backend (GPUs would otherwise use TF32).
+    with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
+        out = jax.jit(jmodel.apply)(
+            {"params": params}, inp["hidden_states"].transpose(0, 2, 3, 4, 1), inp["timestep"],
+            inp["encoder_hidden_states"], inp["pooled_projections"],
+        )  # [B, T, H, W, C_out]
     out_jax = np.asarray(out.astype(jnp.float32)).transpose(0, 4, 1, 2, 3)
     return [ParityResult("transformer", out_torch, out_jax)]
 
@@ -185,7 +187,7 @@ def format_table(results: list[ParityResult], dtype: str, tol: float) -> str:
     rows = [head, "-" * len(head)]
     for r in results:
         ok = "PASS" if r.rel_err <= tol else "FAIL"
-        rows.append(f"{r.name:<14}{dtype:<10}{str(r.torch.shape):<24}{r.max_abs:>11.3e}{r.rel_err:>11.3e}{tol:>9.0e}  {ok}")
+        rows.append(f"{r.name:<14}{dtype:<10}{r.torch.shape!s:<24}{r.max_abs:>11.3e}{r.rel_err:>11.3e}{tol:>9.0e}  {ok}")
     return "\n".join(rows)
 
 

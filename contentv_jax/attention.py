@@ -26,7 +26,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> ja
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r} unknown; choose one of {sorted(ATTENTION_IMPLS)}")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"attention expects [B, S, heads, head_dim] tensors, got q {q.shape}, k {k.shape}, v {v.shape}")
+        raise ValueError(f"attention expects [B, S, heads, head_dim] tensors, got q {q.shape}, k {k.shape}, "
+                         f"v {v.shape}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"attention shapes do not agree: q {q.shape}, k {k.shape}, v {v.shape}")
     if not q.dtype == k.dtype == v.dtype:

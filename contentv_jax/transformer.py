@@ -11,14 +11,15 @@ N = T*h*w video tokens, L text tokens, D = inner_dim = heads * head_dim.
 Every parameter carries logical axis names from `contentv_jax.sharding.PARAM_AXES`:
   Dense kernels [in, out]: (embed, heads) q/k/v, (heads, embed) out, (embed, mlp) / (mlp, embed) the
   MLPs and the adaLN modulation (D -> k*D), (joint, mlp) the conditioning inputs (context, pooled text,
-  timestep frequencies), (embed, conv_out) proj_out; the patch conv (None, None, conv_in, embed) (Flax allows a logical name once per array, so the
-  two taps of the 2x2 kernel are left unnamed: never sharded);
+  timestep frequencies), (embed, conv_out) proj_out; the patch conv (None, None, conv_in, embed) (Flax
+  allows a logical name once per array, so the two tap axes of the p x p kernel stay unnamed: unsharded);
   biases take their kernel's output name; norm gains (norm,).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -84,6 +85,24 @@ def timestep_frequencies(timestep: jax.Array, dim: int = 256, max_period: float 
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = timestep.astype(jnp.float32)[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def video_pos_table(dim: int, frames: int, height: int, width: int, dtype: Dtype = jnp.float32) -> jax.Array:
+    """`contentv_common.sincos.sincos_3d(dim, frames, height, width)` as a [frames*height*width, dim] array.
+
+    The table is a broadcast of a temporal [T, dim/4] and a spatial [h*w, 3*dim/4] part; both are taken from
+    `sincos_3d` in numpy at trace time, and only the broadcast happens in the program, so a long video does not
+    fold a [N, dim] constant (400 MB at 125 frames of 432x768) into the compiled program.
+    """
+    dt = dim // 4
+    temporal = jnp.asarray(sincos_3d(dim, frames, 1, 1)[:, :dt], dtype)  # [T, dim/4]
+    spatial = jnp.asarray(sincos_3d(dim, 1, height, width)[:, dt:], dtype)  # [h*w, 3*dim/4]
+    n = height * width
+    table = jnp.concatenate(
+        [jnp.broadcast_to(temporal[:, None], (frames, n, dt)), jnp.broadcast_to(spatial[None], (frames, n, dim - dt))],
+        axis=-1,
+    )  # [T, h*w, dim]
+    return table.reshape(frames * n, dim)
 
 
 class RMSNorm(nn.Module):
@@ -162,8 +181,7 @@ class PatchEmbed(nn.Module):
         x = latents.astype(self.dtype).reshape(b, t, h, p, w, p, c)  # [B, T, h, p, w, q, C]
         x = jnp.einsum("bthpwqc,pqcd->bthwd", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
         x = x.reshape(b, t * h * w, d)  # [B, N, D], tokens (t, h, w)
-        table = sincos_3d(d, t, h, w)  # numpy at trace time: [N, D]
-        return x + jnp.asarray(table, self.dtype)[None]
+        return x + video_pos_table(d, t, h, w, self.dtype)[None]
 
 
 class AdaLayerNormZero(nn.Module):
@@ -238,9 +256,12 @@ class JointAttention(nn.Module):
 
         proj = {k: _dense(d, ("embed", "heads"), dt, pdt, k)
                 for k in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
-        q = jnp.concatenate([heads(x, proj["to_q"], rms("norm_q")), heads(c, proj["add_q_proj"], rms("norm_added_q"))], 1)
-        k = jnp.concatenate([heads(x, proj["to_k"], rms("norm_k")), heads(c, proj["add_k_proj"], rms("norm_added_k"))], 1)
-        v = jnp.concatenate([heads(x, proj["to_v"], None), heads(c, proj["add_v_proj"], None)], 1)
+        # [video | text] tokens: [B, N+L, heads, hd]
+        q = jnp.concatenate([heads(x, proj["to_q"], rms("norm_q")), heads(c, proj["add_q_proj"], rms("norm_added_q"))],
+                            axis=1)
+        k = jnp.concatenate([heads(x, proj["to_k"], rms("norm_k")), heads(c, proj["add_k_proj"], rms("norm_added_k"))],
+                            axis=1)
+        v = jnp.concatenate([heads(x, proj["to_v"], None), heads(c, proj["add_v_proj"], None)], axis=1)
         q = checkpoint_name(constrain(q, ("batch", "length", "act_heads", None)), "query")  # [B, N+L, heads, hd]
         k = checkpoint_name(constrain(k, ("batch", "kv_length", "act_heads", None)), "key")
         v = checkpoint_name(constrain(v, ("batch", "kv_length", "act_heads", None)), "value")
@@ -273,8 +294,10 @@ class JointTransformerBlock(nn.Module):
         if self.context_pre_only:
             nc = AdaLayerNormContinuous(d, dt, pdt, name="norm1_context")(c, temb)
         else:
-            nc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = AdaLayerNormZero(d, dt, pdt, name="norm1_context")(c, temb)
-        attn_x, attn_c = JointAttention(self.config, self.context_pre_only, dt, pdt, self.attention_impl, name="attn")(nx, nc)
+            norm1_context = AdaLayerNormZero(d, dt, pdt, name="norm1_context")
+            nc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = norm1_context(c, temb)
+        attn = JointAttention(self.config, self.context_pre_only, dt, pdt, self.attention_impl, name="attn")
+        attn_x, attn_c = attn(nx, nc)
 
         x = x + gate_msa[:, None] * attn_x
         x = x + gate_mlp[:, None] * FeedForward(d, dt, pdt, name="ff")(modulate(layer_norm(x), shift_mlp, scale_mlp))
@@ -319,9 +342,11 @@ class ContentVTransformer(nn.Module):
         if timestep.shape != (b,):
             raise ValueError(f"timestep must be [B]=({b},), got shape {timestep.shape}")
         if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.joint_attention_dim:
-            raise ValueError(f"context must be [B={b}, L, joint_attention_dim={cfg.joint_attention_dim}], got shape {context.shape}")
+            raise ValueError(f"context must be [B={b}, L, joint_attention_dim={cfg.joint_attention_dim}], "
+                             f"got shape {context.shape}")
         if pooled.shape != (b, cfg.pooled_projection_dim):
-            raise ValueError(f"pooled must be [B={b}, pooled_projection_dim={cfg.pooled_projection_dim}], got shape {pooled.shape}")
+            raise ValueError(f"pooled must be [B={b}, pooled_projection_dim={cfg.pooled_projection_dim}], "
+                             f"got shape {pooled.shape}")
 
     def _block(self, context_pre_only: bool, name: str):
         if self.attention_impl not in ATTENTION_IMPLS:

@@ -13,7 +13,12 @@ from reference import reference_state_dict, reference_transformer
 
 from contentv_common.config import get_preset
 from contentv_jax import sharding
-from contentv_jax.transformer import REMAT_CHOICES, ContentVTransformer, count_params
+from contentv_jax.transformer import (
+    REMAT_CHOICES,
+    ContentVTransformer,
+    count_params,
+    video_pos_table,
+)
 from convert.keymap import TO_TORCH, flatten, flax_to_torch, torch_to_flax
 from convert.transformer_keys import transformer_params_from_folder, transformer_rules
 
@@ -24,12 +29,12 @@ CFG3 = dataclasses.replace(CFG, num_layers=3)  # two scanned rows
 def _inputs(cfg, b=2, t=3, h=6, w=10, length=7, seed=0):
     """Torch-layout inputs: hidden [B, C, T, H, W], context [B, L, J], pooled [B, P], timestep [B] (distinct)."""
     rng = np.random.default_rng(seed)
-    return dict(
-        hidden_states=rng.standard_normal((b, cfg.in_channels, t, h, w)).astype(np.float32),
-        encoder_hidden_states=rng.standard_normal((b, length, cfg.joint_attention_dim)).astype(np.float32),
-        pooled_projections=rng.standard_normal((b, cfg.pooled_projection_dim)).astype(np.float32),
-        timestep=rng.uniform(0, 1000, b).astype(np.float32),
-    )
+    return {
+        "hidden_states": rng.standard_normal((b, cfg.in_channels, t, h, w)).astype(np.float32),
+        "encoder_hidden_states": rng.standard_normal((b, length, cfg.joint_attention_dim)).astype(np.float32),
+        "pooled_projections": rng.standard_normal((b, cfg.pooled_projection_dim)).astype(np.float32),
+        "timestep": rng.uniform(0, 1000, b).astype(np.float32),
+    }
 
 
 def _jax_args(inp):
@@ -71,6 +76,12 @@ def test_bf16_compute_parity(ref3):
     err = rel_err(np.asarray(out.astype(jnp.float32)).transpose(0, 4, 1, 2, 3), want)
     print(f"bf16 compute rel_err={err:.2e}")
     assert err <= 2e-2
+
+
+def test_video_pos_table_is_sincos_3d():
+    from contentv_common.sincos import sincos_3d
+
+    np.testing.assert_array_equal(np.asarray(video_pos_table(64, 3, 5, 7)), sincos_3d(64, 3, 5, 7))
 
 
 def test_keymap_roundtrip_exact_and_tree_matches_init(ref3):
@@ -149,7 +160,8 @@ def test_scan_rows_are_the_torch_layers(ref3):
     cfg, ref, sd, params = ref3
     swapped = {}
     for k, v in sd.items():
-        for a, b in (("transformer_blocks.0.", "transformer_blocks.1."), ("transformer_blocks.1.", "transformer_blocks.0.")):
+        for a, b in (("transformer_blocks.0.", "transformer_blocks.1."),
+                     ("transformer_blocks.1.", "transformer_blocks.0.")):
             if k.startswith(a):
                 k = b + k[len(a):]
                 break
@@ -199,17 +211,17 @@ def test_sharded_forward_equals_unsharded(ref3):
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(latents=(2, 2, 4, 6)), r"latents must be \[B, T, H, W, C\]"),
-        (dict(latents=(2, 2, 4, 6, 8)), "8 channels"),
-        (dict(latents=(2, 2, 5, 6, 16)), "divisible by patch_size"),
-        (dict(timestep=(3,)), r"timestep must be \[B\]"),
-        (dict(context=(3, 5, 32)), "context must be"),
-        (dict(context=(2, 5, 31)), "joint_attention_dim=32"),
-        (dict(pooled=(2, 8)), "pooled_projection_dim=32"),
+        ({"latents": (2, 2, 4, 6)}, r"latents must be \[B, T, H, W, C\]"),
+        ({"latents": (2, 2, 4, 6, 8)}, "8 channels"),
+        ({"latents": (2, 2, 5, 6, 16)}, "divisible by patch_size"),
+        ({"timestep": (3,)}, r"timestep must be \[B\]"),
+        ({"context": (3, 5, 32)}, "context must be"),
+        ({"context": (2, 5, 31)}, "joint_attention_dim=32"),
+        ({"pooled": (2, 8)}, "pooled_projection_dim=32"),
     ],
 )
 def test_bad_inputs_raise(change, match):
-    shapes = dict(latents=(2, 2, 4, 6, 16), timestep=(2,), context=(2, 5, 32), pooled=(2, 32))
+    shapes = {"latents": (2, 2, 4, 6, 16), "timestep": (2,), "context": (2, 5, 32), "pooled": (2, 32)}
     shapes.update(change)
     args = [jnp.ones(shapes[k]) for k in ("latents", "timestep", "context", "pooled")]
     with pytest.raises(ValueError, match=match):
