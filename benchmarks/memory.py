@@ -1,7 +1,8 @@
 """Memory planning: per-device memory of a training step, from XLA's compiled memory analysis.
 
     python -m benchmarks.memory --json mem.json                    # contentv-8b, 480p x 125 frames, fsdp 8 / 64 /
-                                                                   # data 2 x fsdp 128, remat full / none (~5 min here)
+                                                                   # data 2 x fsdp 128, remat full / none, + 4 fit
+                                                                   # compiles: 10 compiles of 30-190 s each here
     python -m benchmarks.memory --grid full --json mem_full.json   # + smaller shapes, fsdp 128 / 256, save_attention
     python -m benchmarks.memory --model tiny --mesh fsdp=2 --shape 9x32x48 --remat full,none --json s.json  # smoke
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="contentv-8b", help="preset name (contentv-8b, small, tiny)")
     ap.add_argument("--grid", choices=("default", "full"), default="default",
                     help="default: 480p x 125 frames on fsdp 8 / 64 / data 2 x fsdp 128, remat full / none; "
-                         "full: more shapes, meshes and remat policies (about 30-60 min here)")
+                         "full: more shapes, meshes (fsdp 128, 256) and remat policies (an hour or more here)")
     ap.add_argument("--shape", action="append", help="FRAMESxHEIGHTxWIDTH pixels (repeatable; overrides the grid's)")
     ap.add_argument("--mesh", action="append", help="mesh spec, e.g. fsdp=64 or data=2,fsdp=128 (repeatable)")
     ap.add_argument("--remat", default=None, help="comma-separated remat policies (contentv_jax.transformer.REMAT_CHOICES)")
