@@ -194,7 +194,8 @@ class StepCache:
                 fn = self._jit.lower(state, batch).compile(self.compiler_options)
             self.compiled[key] = fn
             self.compiles += 1
-        return fn(state, batch)
+        with jax.transfer_guard("disallow"):  # STYLE #6: no hidden host<->device copies inside the step
+            return fn(state, batch)
 
 
 def place_batch(batch: dict, mesh, rules=shd.DEFAULT_RULES) -> dict:
