@@ -169,8 +169,9 @@ def run_vae(folder: Path, inputs_path: Path | None, dtype: str, seed: int) -> li
     _, params = vae_params_from_folder(folder)
     params = {"params": jax.tree.map(lambda w: jnp.asarray(w, jdt), params)}
     jmodel = FlaxWanVAE(cfg, dtype=jdt, param_dtype=jdt)
-    mean = jax.jit(lambda p, x: jmodel.apply(p, x, method="encode")[0])(params, inp["video"].transpose(0, 2, 3, 4, 1).astype(jdt))
-    dec = jax.jit(lambda p, z: jmodel.apply(p, z, method="decode"))(params, inp["latents"].transpose(0, 2, 3, 4, 1).astype(jdt))
+    with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):  # no TF32 convs on GPUs
+        mean = jax.jit(lambda p, x: jmodel.apply(p, x, method="encode")[0])(params, inp["video"].transpose(0, 2, 3, 4, 1).astype(jdt))
+        dec = jax.jit(lambda p, z: jmodel.apply(p, z, method="decode"))(params, inp["latents"].transpose(0, 2, 3, 4, 1).astype(jdt))
     to_torch_layout = lambda a: np.asarray(a.astype(jnp.float32)).transpose(0, 4, 1, 2, 3)  # [B, T, H, W, C] -> [B, C, T, H, W]
     return [ParityResult("encode", enc_torch, to_torch_layout(mean)), ParityResult("decode", dec_torch, to_torch_layout(dec))]
 
