@@ -114,15 +114,18 @@ def test_chunking_streams_frames_and_cache_shapes_settle(pair):
 
 @torch.no_grad()
 def test_causal_prefixes_and_first_frame(pair):
-    """Causality in time: a prefix of the video encodes to a prefix of the latents, and back."""
+    """Causality in time: a prefix of the video encodes to a prefix of the latents, and back.
+
+    1e-5 is fp32 round-off of convolutions run on differently sized inputs (oneDNN picks its algorithm
+    by shape and thread count); a leak from later frames would be O(1)."""
     _, ours = pair
     x = _video(2, 9, 16, 24, seed=11)
     mean, _ = ours.encode(x)
-    assert rel_err(ours.encode(x[:, :, :5])[0], mean[:, :, :2]) <= 1e-6
+    assert rel_err(ours.encode(x[:, :, :5])[0], mean[:, :, :2]) <= 1e-5
     video = ours.decode(mean)
-    assert rel_err(ours.decode(mean[:, :, :2]), video[:, :, :5]) <= 1e-6
+    assert rel_err(ours.decode(mean[:, :, :2]), video[:, :, :5]) <= 1e-5
     first = ours.decode_first_frame(mean)
-    assert first.shape == (2, 3, 1, 16, 24) and rel_err(first, video[:, :, :1]) <= 1e-6
+    assert tuple(first.shape) == (2, 3, 1, 16, 24) and rel_err(first, video[:, :, :1]) <= 1e-5
 
 
 @torch.no_grad()
