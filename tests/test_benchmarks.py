@@ -107,3 +107,19 @@ def test_gpu_smoke(tmp_path):
     assert all(float(r["value"]) < 2e-2 for r in parity)
     assert any(r["part"] == "denoise" and "jax" in r["what"] for r in rows)
     assert "| parity |" in md and "error" not in {r["what"] for r in rows}
+
+
+def test_vae_tiling_smoke(tmp_path):
+    from benchmarks import vae_tiling
+
+    out = tmp_path / "tiling.json"
+    assert vae_tiling.main(["--preset", "tiny", "--shape", "5x32x48", "--tile", "24", "--stride", "16", "--json", str(out)]) == 0
+    rows = {(r["op"], r["mode"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(op, m) for op in ("encode", "decode") for m in ("untiled", "tiled")}
+    assert all(r["seconds"] > 0 for r in rows.values())
+    # tiles blend to something close to, but not exactly, the untiled result
+    assert 10 < rows["encode", "tiled"]["psnr_db"] < 200 and 10 < rows["decode", "tiled"]["psnr_db"] < 200
+    clip = vae_tiling.smooth_clip(5, 32, 48)
+    assert clip.shape == (1, 3, 5, 32, 48) and clip.abs().max() <= 1 and clip.std() > 0.1
+    with pytest.raises(SystemExit):
+        vae_tiling.main(["--shape", "5x32"])
