@@ -14,7 +14,9 @@ Training step (forward + backward + optimizer update), per case (model size, lat
   machine's measured fp32 matmul FLOP/s in the same framework (`common.torch_matmul_peak` / `jax_matmul_peak`).
 Sampling (classifier-free guidance, the scheduler's shifted sigmas), same weights and inputs for all:
   ours_torch - `contentv_torch.pipeline.denoise` over `ContentVTransformer3DModel`;
-  reference  - the diffusers SD3 pipeline's loop: `FlowMatchEulerDiscreteScheduler` + the reference transformer;
+  reference  - the released ContentV pipeline's loop: `FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=
+               linspace(1, 0, N + 1)[:-1])` (the "contentv" sigma grid, every sampler's default) + the reference
+               transformer;
   ours_jax   - `contentv_jax.sampler.make_sampler` (one jitted lax.scan over the steps) over our Flax DiT.
   Each runs in its own subprocess (clean peak memory): seconds per denoising step and the peak RSS the loop added
   over the loaded models; rel_err of the final latents against the reference.
@@ -266,15 +268,15 @@ def _sampling_worker(impl: str, case: Case, steps: int, guidance: float, shift: 
     inputs = make_inputs(size, case, seed)
     ref_mod = load_reference_module()
     ref = ref_mod.reference_transformer(size.transformer, seed)
-    sigmas = flow_match_sigmas(steps, shift)
+    sigmas = flow_match_sigmas(steps, shift, grid="contentv")
     t = {k: torch.from_numpy(v) for k, v in inputs.items()}
 
     if impl == "reference":
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        def run(n_steps):  # the SD3 pipeline's loop, diffusers parts
+        def run(n_steps):  # the released ContentV pipeline's loop (its sigma grid), diffusers parts
             sched = FlowMatchEulerDiscreteScheduler(shift=shift)
-            sched.set_timesteps(steps)
+            sched.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])
             x = t["latents"].clone()
             ctx, pool = torch.cat([t["neg_context"], t["context"]]), torch.cat([t["neg_pooled"], t["pooled"]])
             for ts in sched.timesteps[:n_steps]:

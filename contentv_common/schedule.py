@@ -15,20 +15,21 @@ def shift_sigmas(sigmas, shift: float):
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
 
 
-SIGMA_GRIDS = ("sd3", "contentv")
+SIGMA_GRIDS = ("contentv", "sd3")
+DEFAULT_SIGMA_GRID = "contentv"  # every sampler's default: the torch pipeline, generate, the JAX sampler, RLHF
 
 
 def flow_match_sigmas(
-    num_steps: int, shift: float = 1.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, grid: str = "sd3"
+    num_steps: int, shift: float = 1.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, grid: str = DEFAULT_SIGMA_GRID
 ) -> np.ndarray:
     """The sampling sigmas of diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps`.
 
     Returns [num_steps + 1] float32 from 1 down to a terminal 0; the timesteps fed to the model are
     `1000 * sigmas[:-1]`. The grid is shifted after it is laid out:
-      grid="sd3" (default): `set_timesteps(num_steps)`, as the SD3 pipeline calls it: the grid runs
-          linearly from 1 to the shifted smallest training sigma (shift(1 / num_train_timesteps)).
-      grid="contentv": `set_timesteps(sigmas=np.linspace(1, 0, num_steps + 1)[:-1])`, as the released
-          ContentV pipeline calls it: 1, 1 - 1/N, ..., 1/N.
+      grid="contentv" (default): `set_timesteps(sigmas=np.linspace(1, 0, num_steps + 1)[:-1])`, as the
+          released ContentV pipeline calls it: 1, 1 - 1/N, ..., 1/N.
+      grid="sd3": `set_timesteps(num_steps)`, as the SD3 pipeline calls it: the grid runs linearly from 1
+          to the shifted smallest training sigma (shift(1 / num_train_timesteps)).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ml_collections
 
 from contentv_common.config import get_preset
+from contentv_common.schedule import DEFAULT_SIGMA_GRID
 
 STAGES = ("video_lowres", "joint", "duration", "resolution", "sft")
 
@@ -122,6 +123,7 @@ def base(model: str = "tiny") -> ml_collections.ConfigDict:
     c.eval.num_steps = preset.num_steps
     c.eval.guidance = preset.guidance_scale
     c.eval.shift = preset.shift
+    c.eval.sigma_grid = DEFAULT_SIGMA_GRID  # "contentv" (the released pipeline's) or "sd3" (schedule.SIGMA_GRIDS)
     c.eval.frames = preset.frames if not big else 61
     c.eval.height = preset.height
     c.eval.width = preset.width

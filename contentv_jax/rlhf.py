@@ -98,6 +98,7 @@ def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
     r.rollout_steps = 25 if big else preset.num_steps
     r.guidance = preset.guidance_scale if big else 1.0
     r.shift = preset.shift
+    r.sigma_grid = c.eval.sigma_grid  # the rollout's sigma grid, as the sampler's (schedule.SIGMA_GRIDS)
     r.grad_window = (15, 24) if big else (preset.num_steps // 2, preset.num_steps - 1)
     r.fm_every = 1
     r.fm_weight = 1.0
@@ -252,7 +253,7 @@ def make_objective(config, model, vae, reward: RewardModel, prompts: PromptSet) 
         raise ValueError(f"rlhf.grad_window {tuple(r.grad_window)} must satisfy 0 <= lo <= hi < rollout_steps={n}")
     return RLHFObjective(
         model, vae, reward, preset, Bucket(r.frames, r.height, r.width, r.batch).latent_shape(preset),
-        tuple(float(s) for s in flow_match_sigmas(n, r.shift)), (lo, hi), float(r.guidance), float(r.lam),
+        tuple(float(s) for s in flow_match_sigmas(n, r.shift, grid=r.sigma_grid)), (lo, hi), float(r.guidance), float(r.lam),
         (prompts.negative_context, prompts.negative_pooled),
     )
 

@@ -1,7 +1,7 @@
 """Flow-matching Euler sampling with classifier-free guidance in JAX, and the trainer's evaluation samples.
 
 Same math as the torch `contentv_torch.pipeline.denoise`: sigmas from
-`contentv_common.schedule.flow_match_sigmas(steps, shift)` ([steps + 1], 1 -> 0), the model fed
+`contentv_common.schedule.flow_match_sigmas(steps, shift, grid)` ([steps + 1], 1 -> 0; grid "contentv" by default), the model fed
 t = 1000 s, with guidance g > 1 one batch of [uncond; cond], v = v_u + g (v_c - v_u), x += (s_next - s) v,
 all in float32 whatever the DiT's compute dtype. One `lax.scan` over the steps: one compile per shape.
 """
@@ -82,7 +82,8 @@ class EvalSampler:
 
         self.cfg, self.preset, self.prompts, self.out_dir = eval_cfg, preset, prompts, Path(out_dir)
         self.sample = make_sampler(model, float(eval_cfg.guidance))
-        self.sigmas = jnp.asarray(flow_match_sigmas(int(eval_cfg.num_steps), float(eval_cfg.shift)))
+        self.sigmas = jnp.asarray(flow_match_sigmas(int(eval_cfg.num_steps), float(eval_cfg.shift),
+                                                  grid=str(eval_cfg.sigma_grid)))
         if eval_cfg.vae:
             from convert.vae_keys import vae_params_from_folder
 

@@ -28,7 +28,7 @@ def test_sincos_3d_rejects_bad_width():
 def test_sigmas_match_diffusers_scheduler(steps, shift):
     sched = FlowMatchEulerDiscreteScheduler(shift=shift)
     sched.set_timesteps(steps)
-    ours = flow_match_sigmas(steps, shift)
+    ours = flow_match_sigmas(steps, shift, grid="sd3")
     np.testing.assert_allclose(ours, sched.sigmas.numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(1000 * ours[:-1], sched.timesteps.numpy(), rtol=1e-6)
 

@@ -90,3 +90,22 @@ def test_euler_step_math_and_errors():
     assert seen[0].shape == (2,)
     with pytest.raises(ValueError, match="negative prompt"):
         euler_sample(apply_fn, None, x0, ctx, pool, None, None, sig, 2.0)
+
+
+def test_one_default_sigma_grid_everywhere():
+    """The released ContentV grid (linspace(1, 0, N+1)[:-1], shifted) is the default of the shared schedule, the torch
+    pipeline and generate CLI, the JAX trainer's evaluation sampler and the RLHF rollout; "sd3" stays selectable."""
+    import inspect
+
+    from contentv_common.schedule import DEFAULT_SIGMA_GRID, shift_sigmas
+    from contentv_jax import rlhf
+    from contentv_torch import generate
+    from contentv_torch.pipeline import ContentVPipeline
+
+    assert DEFAULT_SIGMA_GRID == "contentv"
+    np.testing.assert_allclose(flow_match_sigmas(6, 3.0)[:-1], shift_sigmas(np.linspace(1, 0, 7)[:-1], 3.0), rtol=1e-6)
+    assert not np.allclose(flow_match_sigmas(6, 3.0), flow_match_sigmas(6, 3.0, grid="sd3"))
+    assert inspect.signature(ContentVPipeline.__call__).parameters["sigma_grid"].default == DEFAULT_SIGMA_GRID
+    assert generate.parse_args(["--model", "m", "--prompt", "p"]).sigma_grid == DEFAULT_SIGMA_GRID
+    assert configs.get_config("tiny").eval.sigma_grid == DEFAULT_SIGMA_GRID
+    assert rlhf.get_config("tiny").rlhf.sigma_grid == DEFAULT_SIGMA_GRID
