@@ -217,29 +217,37 @@ def place_batch(batch: dict, mesh, rules=shd.DEFAULT_RULES) -> dict:
 
 
 def load_init_params(path: str, abstract_params, shardings):
-    """Params from `--init-from`: an earlier stage's checkpoint dir (its EMA-free params) or a converted
-    diffusers transformer folder (SD3.5 Large / ContentV). Shapes must match the model exactly."""
+    """Params [the model's tree, float32, placed by `shardings`] from `--init-from`: an earlier stage's checkpoint
+    dir of this trainer (its raw params, restored shard by shard), or any transformer format `python -m convert`
+    reads (`convert.formats.iter_params`): a diffusers ContentV / SD3.5 folder (model_index.json + transformer/),
+    a `transformer/` folder, our JAX-format folder, an SD3.5 original single file. Leaves stream one at a time
+    onto their devices; every missing, unexpected or mis-shaped key is named before any is read."""
     if is_checkpoint_dir(path):
         ckpt = Checkpointer(path, every=1, async_save=False)
         try:
             return ckpt.restore_params(None, abstract_with_shardings(abstract_params, shardings))
         finally:
             ckpt.close()
-    if not Path(path, "config.json").is_file():
-        raise FileNotFoundError(f"--init-from {path}: neither a checkpoint dir of this trainer nor a diffusers folder with config.json")
-    from convert.transformer_keys import transformer_params_from_folder
+    from tqdm.auto import tqdm
 
-    _, loaded = transformer_params_from_folder(path)
+    from convert.formats import FormatError, iter_params
+
+    src = Path(path)
+    if (src / "model_index.json").is_file():  # a whole ContentV / SD3.5 model folder: its transformer
+        src = src / "transformer"
     flat_want = flax.traverse_util.flatten_dict(abstract_params, sep="/")
-    flat_got = flax.traverse_util.flatten_dict(loaded, sep="/")
-    if set(flat_want) != set(flat_got):
-        raise ValueError(f"--init-from {path}: parameter names differ; missing {sorted(set(flat_want) - set(flat_got))[:5]}, "
-                         f"unexpected {sorted(set(flat_got) - set(flat_want))[:5]}")
-    bad = [(k, flat_got[k].shape, flat_want[k].shape) for k in flat_want if tuple(flat_got[k].shape) != tuple(flat_want[k].shape)]
-    if bad:
-        raise ValueError(f"--init-from {path}: shape mismatch (name, file, model) {bad[:5]}")
     flat_sh = flax.traverse_util.flatten_dict(shardings, sep="/")
-    placed = {k: jax.device_put(np.asarray(v, np.float32), flat_sh[k]) for k, v in flat_got.items()}
+    placed = {}
+    try:
+        leaves = iter_params(src, dtype="float32", expected={k: tuple(v.shape) for k, v in flat_want.items()})
+        for _, key, leaf in tqdm(leaves, total=len(flat_want), desc="--init-from", unit="tensor",
+                                 disable=jax.process_index() != 0):
+            placed[key] = jax.device_put(np.asarray(leaf, np.float32), flat_sh[key])
+    except (FormatError, FileNotFoundError) as e:  # the messages name the path
+        raise type(e)(f"--init-from: neither a checkpoint dir of this trainer nor a transformer format "
+                      f"`python -m convert` reads: {e}") from None
+    except ValueError as e:  # KeyMismatchError: every missing / unexpected / mis-shaped key by name
+        raise ValueError(f"--init-from: {e}") from None
     return flax.traverse_util.unflatten_dict(placed, sep="/")
 
 

@@ -651,14 +651,19 @@ def write_flax(src: Source, folder: Path, dtype: str | None = None, max_shard_by
     (folder / CONFIG_NAME).write_text(json.dumps({**torch_config(src), FLAX_FORMAT_TAG: "flax"}, indent=2))
 
 
-def iter_params(path: str | Path, fmt: str | None = None, dtype: str | None = None, **kw) -> Iterator[tuple[Any, str, np.ndarray]]:
+def iter_params(path: str | Path, fmt: str | None = None, dtype: str | None = None,
+                expected: Mapping[str, tuple[int, ...]] | None = None, **kw) -> Iterator[tuple[Any, str, np.ndarray]]:
     """Yield (config, "/"-joined Flax path, numpy array) leaf by leaf from any single-component source: our flax
     folder, a diffusers folder (SD3.5's pos_embed.pos_embed dropped), an SD3 original file, a Wan .pth, or a
-    training checkpoint (kw: ema, step). Keys and shapes are checked strictly before the first leaf; a caller
-    can place each leaf on its devices (jax.device_put with its sharding) before the next one is read."""
+    training checkpoint (kw: ema, step). Keys and shapes are checked strictly before the first leaf (against
+    the source's own config, and against `expected` {Flax path: shape} of the model to fill when given); a
+    caller can place each leaf on its devices (jax.device_put with its sharding) before the next one is read."""
     with open_source(path, fmt, **kw) as src:
         check_source(src)
-        for t in plan_flax(src, dtype):
+        planned = plan_flax(src, dtype)
+        if expected is not None:
+            check_keys({t.key: t.shape for t in planned}, expected, f"{path} ({src.format}) vs the model")
+        for t in planned:
             chunks = [np.asarray(c).astype(t.dtype, copy=False) for c in t.chunks()]
             yield src.config, t.key, (chunks[0] if len(t.shape) == chunks[0].ndim else np.stack(chunks))
 

@@ -93,3 +93,59 @@ def _dataset(path):
 def test_bad_flags_fail_with_a_clear_message(argv, message, capsys):
     assert T.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_init_from_reads_every_transformer_format(tmp_path):
+    """`--init-from` goes through the converter (`convert.formats.iter_params`): an SD3.5 diffusers folder, the SD3.5
+    original single file, a whole model folder (model_index.json + transformer/) and the JAX format written by
+    `python -m convert` all land, sharded, as the same params; a mismatched model names the key."""
+    import dataclasses
+    import inspect
+
+    import flax.linen as nn
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import save_file
+
+    from contentv_common.config import get_preset
+    from contentv_jax import sharding as shd
+    from convert import sd3_original
+    from convert.cli import main as convert_main
+    from convert.formats import load_params
+
+    preset = get_preset("tiny")
+    model = T.build_model(configs.get_config("tiny"), preset)
+    mesh = shd.create_mesh("fsdp=2,tensor=2", jax.devices()[:4])
+    abstract = jax.eval_shape(lambda r: model.init(r, *T._dummy_inputs(preset))["params"], jax.random.PRNGKey(0))
+    shardings, abstract = shd.logical_shardings(abstract, mesh), nn.meta.unbox(abstract)
+
+    def sd35(cfg, seed):  # diffusers SD3Transformer2DModel (the SD3.5 Large layout, learned 2D pos_embed)
+        kw = {k: v for k, v in cfg.to_diffusers_config().items()
+              if k in inspect.signature(SD3Transformer2DModel.__init__).parameters}
+        torch.manual_seed(seed)
+        return SD3Transformer2DModel(**kw).eval()
+
+    m = sd35(preset.transformer, 1)
+    m.save_pretrained(tmp_path / "sd35" / "transformer", max_shard_size="30KB")  # sharded + index
+    (tmp_path / "sd35" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    state = {k: v.contiguous() for k, v in m.state_dict().items()}
+    save_file(sd3_original.diffusers_to_original(state, preset.transformer), tmp_path / "sd3.5_large.safetensors")
+    assert convert_main(["-q", "--to", "jax", str(tmp_path / "sd35" / "transformer"), str(tmp_path / "jax")]) == 0
+
+    want = load_params(tmp_path / "sd35" / "transformer", dtype="float32")[1]
+    for src in ("sd35", "sd35/transformer", "sd3.5_large.safetensors", "jax"):
+        got = T.load_init_params(str(tmp_path / src), abstract, shardings)
+        leaves = jax.tree_util.tree_leaves_with_path(got)
+        assert len(leaves) == len(jax.tree.leaves(want)), src
+        for (path, a), b, s in zip(leaves, jax.tree.leaves(want), jax.tree.leaves(shardings), strict=True):
+            assert a.sharding == s and a.dtype == np.float32, (src, path)
+            np.testing.assert_array_equal(np.asarray(a), b, err_msg=f"{src} {jax.tree_util.keystr(path)}")
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(got))  # really placed in shards
+
+    wrong = dataclasses.replace(preset.transformer, joint_attention_dim=2 * preset.transformer.joint_attention_dim)
+    sd35(wrong, 2).save_pretrained(tmp_path / "wide")
+    with pytest.raises(ValueError, match="(?s)--init-from: .*wide.*context_embedder/kernel: \\(64, 32\\) != expected \\(32, 32\\)"):
+        T.load_init_params(str(tmp_path / "wide"), abstract, shardings)
+    with pytest.raises(FileNotFoundError, match="--init-from: .*nowhere"):
+        T.load_init_params(str(tmp_path / "nowhere"), abstract, shardings)
