@@ -8,12 +8,13 @@ then tiled with the given tile size and stride (pixels). Encode compares the pos
 the decoded videos of the untiled latents. PSNR is over a peak-to-peak of 2 ([-1, 1]) for videos and of the
 untiled mean's range for latents. Without --vae the weights are random (seeded): random weights have no spatial
 locality, so the seams they show are a pessimistic bound; the real Wan2.1 weights (--vae) give the figure users see.
-Peak memory: the RSS a phase adds on CPU (sampled), `torch.cuda.max_memory_allocated` on CUDA.
+Each phase runs in a fresh process. Peak memory: the RSS a phase adds on CPU (sampled), `torch.cuda.max_memory_allocated` on CUDA.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import sys
 import time
 
@@ -62,6 +63,19 @@ def measure(fn, device: torch.device) -> tuple[torch.Tensor, float, float]:
     return out, seconds, peak.delta_bytes / GiB
 
 
+def _phase(vae_dir, preset, seed, device, tile, op, tiled, x):
+    """One encode or decode, tiled or not, in this (child) process: (posterior mean or video on CPU, s, GiB)."""
+    device = torch.device(device)
+    torch.manual_seed(seed)  # the same random weights in every child
+    vae = (WanVAE.from_pretrained(vae_dir) if vae_dir else WanVAE(get_preset(preset).vae)).to(device).eval()
+    x = x.to(device)
+    fns = {("encode", False): lambda: vae.encode(x)[0], ("encode", True): lambda: vae.tiled_encode(x, **tile)[0],
+           ("decode", False): lambda: vae.decode(x), ("decode", True): lambda: vae.tiled_decode(x, **tile)}
+    with torch.no_grad():
+        out, seconds, gib = measure(fns[op, tiled], device)
+    return out.cpu(), seconds, gib
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vae", help="diffusers vae/ folder (default: random weights of --preset's VAE)")
@@ -78,18 +92,20 @@ def main(argv: list[str] | None = None) -> int:
         frames, height, width = (int(v) for v in args.shape.lower().split("x"))
     except ValueError:
         ap.error(f"--shape {args.shape!r}: expected FRAMESxHEIGHTxWIDTH, e.g. 5x160x288")
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    vae = WanVAE.from_pretrained(args.vae) if args.vae else WanVAE(get_preset(args.preset).vae)
-    vae = vae.to(device).eval()
-    video = smooth_clip(frames, height, width, args.seed).to(device)
-    tile = dict(tile_size=args.tile, tile_stride=args.stride)
+    # Each phase in a fresh process: a CPU allocator keeps freed pages, so one process's RSS after a big
+    # untiled call would hide what the tiled call needs.
+    spawn = multiprocessing.get_context("spawn")
+    common = (args.vae, args.preset, args.seed, args.device, dict(tile_size=args.tile, tile_stride=args.stride))
 
-    with torch.no_grad():
-        (mean, _), enc_s, enc_gib = measure(lambda: vae.encode(video), device)
-        (tmean, _), tenc_s, tenc_gib = measure(lambda: vae.tiled_encode(video, **tile), device)
-        dec, dec_s, dec_gib = measure(lambda: vae.decode(mean), device)
-        tdec, tdec_s, tdec_gib = measure(lambda: vae.tiled_decode(mean, **tile), device)
+    def phase(op: str, tiled: bool, x: torch.Tensor):
+        with spawn.Pool(1) as pool:
+            return pool.apply(_phase, (*common, op, tiled, x))
+
+    video = smooth_clip(frames, height, width, args.seed)
+    mean, enc_s, enc_gib = phase("encode", False, video)
+    tmean, tenc_s, tenc_gib = phase("encode", True, video)
+    dec, dec_s, dec_gib = phase("decode", False, mean)
+    tdec, tdec_s, tdec_gib = phase("decode", True, mean)
     latent_range = (mean.max() - mean.min()).item()
     rows = [
         dict(op="encode", mode="untiled", seconds=enc_s, peak_gib=enc_gib, psnr_db=None),
@@ -98,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         dict(op="decode", mode="tiled", seconds=tdec_s, peak_gib=tdec_gib, psnr_db=psnr(tdec, dec, 2.0)),
     ]
     title = (f"Wan VAE ({'weights ' + args.vae if args.vae else args.preset + ' config, random weights'}), {args.shape}, tile {args.tile} / "
-             f"stride {args.stride}, {device.type}, fp32")
+             f"stride {args.stride}, {args.device}, fp32")
     print(f"\n### {title}\n")
     print(markdown_table(rows, [("op", "op"), ("mode", "mode"), ("seconds", "s"), ("peak_gib", "peak added GiB"),
                                 ("psnr_db", "PSNR vs untiled dB")]))
