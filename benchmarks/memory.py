@@ -13,6 +13,8 @@ virtual CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`, set h
 row per (shape, mesh, remat policy); the per-device batch is `--per-device-batch` (default 1), so the global
 batch is that times the mesh's batch shards. Columns (GiB per device):
   state    - the train state's shard on one device, summed from its shardings (params + 2 moments + EMA, fp32);
+  replicated - the part of `state` in arrays over 1M elements that no mesh axis divides, so every device holds
+             them whole (`sharding.replicated_report`; contentv-8b's 2432-wide kernels on fsdp 256: 2432 = 128 x 19);
   args/out/alias/temp - XLA's CompiledMemoryStats; peak = args + out - alias + temp (donated state aliases);
   scores   - one fp32 attention score tensor [B_local, heads, S, S] of one layer (analytic): the XLA attention
              path materialises several of these; a flash kernel (cuDNN on GPU, the NPU fused attention) does not;
@@ -144,6 +146,7 @@ def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat:
         "devices": mesh.size, "remat": remat, "dtype": dtype, "global_batch": batch, "per_device_batch": per_device_batch,
         "video_tokens": tokens, "seq_len": seq,
         "state_gib": _state_bytes_per_device(state, shardings) / gib,
+        "replicated_gib": sum(b for _, _, b in shd.replicated_report(boxed, shardings)) / gib,
         "args_gib": m.argument_size_in_bytes / gib, "out_gib": m.output_size_in_bytes / gib,
         "alias_gib": m.alias_size_in_bytes / gib, "temp_gib": m.temp_size_in_bytes / gib,
         "scores_gib": per_device_batch * cfg.num_attention_heads * seq * seq * 4 / gib,
@@ -183,7 +186,8 @@ def add_flash_estimates(rows: list[dict], fit_rows: list[dict]) -> None:
 
 
 COLUMNS = [("shape", "frames x H x W"), ("mesh", "mesh"), ("remat", "remat"), ("global_batch", "batch"),
-           ("seq_len", "seq"), ("state_gib", "state GiB"), ("temp_gib", "temp GiB"), ("peak_gib", "peak GiB"),
+           ("seq_len", "seq"), ("state_gib", "state GiB"), ("replicated_gib", "replicated GiB"),
+           ("temp_gib", "temp GiB"), ("peak_gib", "peak GiB"),
            ("scores_gib", "1 score tensor GiB"), ("fits_64GB_npu", "fits 64 GB"), ("fits_80GB_h100", "fits 80 GB"),
            ("flash_est_gib", "flash est. GiB (extrap.)"), ("flash_fits_64GB_npu", "est. fits 64"),
            ("flash_fits_80GB_h100", "est. fits 80"), ("compile_s", "compile s")]

@@ -128,16 +128,43 @@ def create_mesh(spec: str | dict | None = None, devices=None) -> jax.sharding.Me
     return jax.sharding.Mesh(grid, MESH_AXES)
 
 
-def _fit_spec(spec: jax.sharding.PartitionSpec, shape, mesh: jax.sharding.Mesh) -> jax.sharding.PartitionSpec:
-    """Replicate any dimension whose size the mesh axes it maps to do not divide (e.g. 2 heads on tensor=4)."""
+# A mesh axis that may move to another dim of a parameter when its own dim does not divide (FSDP only needs
+# each parameter split somewhere; tensor / context parallelism need their particular dims) ...
+RELOCATABLE_MESH_AXES = ("fsdp",)
+# ... onto a dim with one of these logical names (never the scan axis or conv taps).
+NOT_RELOCATION_TARGETS = (None, "layers", "kernel")
+
+
+def _fit_spec(spec: jax.sharding.PartitionSpec, shape, mesh: jax.sharding.Mesh, names=()) -> jax.sharding.PartitionSpec:
+    """Make `spec` valid for `shape` on `mesh`, never silently replicating a large axis:
+    1. a dim whose mesh axes do not divide its size is replicated (e.g. 2 heads on tensor=4);
+    2. a RELOCATABLE_MESH_AXES axis (size > 1) left unused, by step 1 or because the rules never named it for
+       this array (e.g. fsdp=256 and the 2432-wide `embed` dim of contentv-8b: 2432 = 128 x 19), shards the
+       largest other dim it divides whose logical name (`names`) is not in NOT_RELOCATION_TARGETS.
+    Arrays no axis can divide stay replicated: `replicated_report` lists the large ones."""
+    ndim = len(shape)
+    names = tuple(names) + (None,) * (ndim - len(names))
     out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = axes if isinstance(axes, tuple) else (axes,) if axes is not None else ()
-        n = 1
-        for a in names:
-            n *= mesh.shape[a]
-        out.append(axes if n == 1 or dim % n == 0 else None)
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (ndim - len(spec))):
+        out.append(axes if _axes_size(axes, mesh) == 1 or dim % _axes_size(axes, mesh) == 0 else None)
+    used = {a for axes in out for a in (axes if isinstance(axes, tuple) else (axes,)) if a is not None}
+    for axis in RELOCATABLE_MESH_AXES:
+        n = mesh.shape.get(axis, 1)
+        if n == 1 or axis in used:
+            continue
+        free = [i for i in range(ndim) if _axes_size(out[i], mesh) == 1 and names[i] not in NOT_RELOCATION_TARGETS
+                and shape[i] % n == 0]  # unsharded dims (or sharded over size-1 axes only)
+        if free:
+            out[max(free, key=lambda i: shape[i])] = axis
+            used.add(axis)
     return jax.sharding.PartitionSpec(*out)
+
+
+def _axes_size(axes, mesh: jax.sharding.Mesh) -> int:
+    n = 1
+    for a in axes if isinstance(axes, tuple) else (axes,) if axes is not None else ():
+        n *= mesh.shape[a]
+    return n
 
 
 def logical_to_mesh_spec(names, rules=DEFAULT_RULES) -> jax.sharding.PartitionSpec:
@@ -166,17 +193,49 @@ def logical_shardings(abstract_tree, mesh: jax.sharding.Mesh, rules=DEFAULT_RULE
 
     Leaves with logical names (from `nn.with_logical_partitioning`) are mapped through `rules`;
     unannotated leaves (scalars, optimizer counters) are replicated; a dim the mesh axes do not divide
-    is replicated. Returns a tree shaped like the unboxed tree.
+    is replicated and fsdp moves to another dim it divides (`_fit_spec`). Returns a tree shaped like the
+    unboxed tree.
     """
     check_rules(rules)
 
     def one(x):
         names = x.names if isinstance(x, nn.Partitioned) else ()
         shape = nn.meta.unbox(x).shape
-        spec = _fit_spec(logical_to_mesh_spec(names, rules), shape, mesh)
+        spec = _fit_spec(logical_to_mesh_spec(names, rules), shape, mesh, names)
         return jax.sharding.NamedSharding(mesh, spec)
 
     return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def replicated_report(abstract_tree, shardings, min_elements: int = 1 << 20) -> list[tuple[str, tuple, int]]:
+    """(path, shape, bytes) of every leaf with more than `min_elements` elements that is fully replicated on a
+    mesh whose parameter axes (fsdp, tensor) have more than one device: each device then holds all of it.
+    abstract_tree: arrays / ShapeDtypeStructs (or `nn.Partitioned` boxes of them); shardings: the same tree."""
+    leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract_tree))
+    out = []
+    for (path, x), s in zip(leaves, jax.tree.leaves(shardings), strict=True):
+        mesh_shape = dict(s.mesh.shape)
+        if mesh_shape.get("fsdp", 1) * mesh_shape.get("tensor", 1) == 1 or x.size <= min_elements:
+            continue
+        if s.is_fully_replicated:
+            out.append((jax.tree_util.keystr(path), tuple(x.shape), int(x.size) * x.dtype.itemsize))
+    return out
+
+
+def warn_replicated(abstract_tree, shardings, what: str = "state", min_elements: int = 1 << 20) -> list:
+    """Warn (RuntimeWarning, listing them) about the large replicated leaves of `replicated_report`."""
+    import warnings
+
+    rep = replicated_report(abstract_tree, shardings, min_elements)
+    if rep:
+        gib = sum(b for _, _, b in rep) / 2**30
+        listing = "\n  ".join(f"{p} {shape}" for p, shape, _ in rep)
+        warnings.warn(f"{len(rep)} {what} arrays over {min_elements} elements are REPLICATED on every device "
+                      f"({gib:.2f} GiB on each device; optimizer moments and EMA are placed alike): no mesh axis "
+                      f"divides their dims. Pick fsdp / tensor sizes that divide the model widths (contentv-8b: "
+                      f"2432 = 128 x 19, so fsdp <= 128 and data for the rest, e.g. --mesh data=2,fsdp=128 on 256 "
+                      f"devices)\n  {listing}", RuntimeWarning, stacklevel=2)
+    return rep
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules=DEFAULT_RULES) -> jax.sharding.NamedSharding:

@@ -87,7 +87,8 @@ def create_train_state(model, tx, preset: ModelPreset, mesh, seed: int, rules=sh
     """(state, state_shardings): parameters are created already sharded, never whole on one host.
 
     1. eval_shape the boxed init (logical axis names on every parameter, optimizer moment and EMA leaf);
-    2. map the names through `rules` to NamedShardings on `mesh` (unnamed leaves replicated);
+    2. map the names through `rules` to NamedShardings on `mesh` (unnamed leaves replicated; a RuntimeWarning
+       lists every parameter over 1M elements that ends up replicated on a multi-device mesh);
     3. jit(init, out_shardings=those) so each device only ever holds its shards.
     """
 
@@ -104,6 +105,7 @@ def create_train_state(model, tx, preset: ModelPreset, mesh, seed: int, rules=sh
     rng = jax.random.PRNGKey(seed)
     abstract = jax.eval_shape(init_boxed, rng)
     shardings = shd.logical_shardings(abstract, mesh, rules)
+    shd.warn_replicated(abstract.params, shardings.params, "parameter")  # large arrays no mesh axis divides
     init = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings)
     state = init.lower(rng).compile(compiler_options)(rng)
     return state, shardings

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from contentv_jax import configs, sharding as shd
+from contentv_jax import configs
+from contentv_jax import sharding as shd
 from contentv_jax import train as T
 
 FAST = {"xla_backend_optimization_level": 0}  # halves CPU compile time; same math
@@ -67,3 +68,59 @@ def test_same_losses_and_params_on_every_mesh():
     print("mesh max diffs (loss rel, param rel_err):", diffs)
     # training really moved the params (a frozen-training bug would otherwise pass)
     assert all(h > 0 for h in ref_updates)
+
+
+def _abstract_8b_params():
+    """contentv-8b's boxed abstract params (logical names on every leaf): jax.eval_shape, nothing allocated."""
+    from contentv_common.config import get_preset
+
+    preset = get_preset("contentv-8b")
+    model = T.build_model(configs.get_config("contentv-8b"), preset)
+    return jax.eval_shape(lambda r: model.init(r, *T._dummy_inputs(preset))["params"], jax.random.PRNGKey(0))
+
+
+def test_contentv_8b_default_mesh_never_replicates_large_parameters():
+    """On 256 devices the contentv-8b default mesh (data=2 x fsdp=128; 2432 = 128 x 19) shards every parameter;
+    fsdp=256 cannot divide the 2432-wide dims: fsdp moves to a dim it divides (the 9728 mlp, 14592 adaLN, 4096
+    joint widths) and what stays replicated (the 2432 x 2432 attention kernels) is named in a RuntimeWarning."""
+    import flax.linen as nn
+    from jax.sharding import AbstractMesh
+    from jax.sharding import PartitionSpec as P
+
+    boxed = _abstract_8b_params()
+    params = nn.meta.unbox(boxed)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    assert n_params == 8_056_627_520
+    config = configs.get_config("contentv-8b/sft")
+    assert config.mesh == "data=-1,fsdp=128" and shd.parse_mesh_spec(config.mesh)["fsdp"] == 128
+
+    def per_device_bytes(sh):  # fp32 params + 2 AdamW moments + EMA, like benchmarks.memory's `state`
+        return 16 * sum(int(np.prod(s.shard_shape(x.shape))) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(sh)))
+
+    default = shd.logical_shardings(boxed, AbstractMesh((2, 128, 1, 1), shd.MESH_AXES))
+    assert shd.replicated_report(boxed, default) == []
+    assert per_device_bytes(default) < 1.01 * 16 * n_params / 128  # every large leaf split 128 ways (0.94 GiB)
+
+    wide = shd.logical_shardings(boxed, AbstractMesh((1, 256, 1, 1), shd.MESH_AXES))
+    assert wide["transformer_blocks"]["ff"]["proj_in"]["kernel"].spec == P(None, None, "fsdp")  # 9728 = 256 x 38
+    assert wide["context_embedder"]["kernel"].spec == P("fsdp", None)  # joint 4096 takes fsdp from embed 2432
+    rep = shd.replicated_report(boxed, wide)
+    assert rep and all(2432 in shape[-2:] and shape[-1] * shape[-2] == 2432 * 2432 for _, shape, _ in rep), rep
+    assert "['transformer_blocks']['attn']['to_q']['kernel']" in {p for p, _, _ in rep}
+    with pytest.warns(RuntimeWarning, match=r"(?s)REPLICATED.*fsdp <= 128.*\['attn'\]\['to_q'\]\['kernel'\]"):
+        shd.warn_replicated(boxed, wide, "parameter")
+    assert 25 * 2**30 < per_device_bytes(wide) < 30 * 2**30  # ~27 GiB, was 120 GiB before fsdp moved to other dims
+
+
+def test_fit_spec_moves_fsdp_to_a_divisible_dim_only():
+    from jax.sharding import AbstractMesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = AbstractMesh((1, 4, 2, 1), shd.MESH_AXES)
+    fit = shd._fit_spec
+    assert fit(P("fsdp", "tensor"), (8, 6), mesh, ("embed", "heads")) == P("fsdp", "tensor")  # divisible: unchanged
+    assert fit(P("fsdp", "tensor"), (6, 8), mesh, ("embed", "heads")) == P(None, "tensor")  # 8 taken by tensor
+    assert fit(P("fsdp", None), (6, 12), mesh, ("embed", "joint")) == P(None, "fsdp")  # moved to the joint dim
+    assert fit(P(None, "fsdp", None), (8, 6, 5), mesh, ("layers", "embed", "heads")) == P(None, None, None)  # never the scan axis
+    assert fit(P(None, "tensor"), (12, 8), mesh, ("joint", "mlp")) == P("fsdp", "tensor")  # rules left fsdp unused
+    assert fit(P(None, "tensor"), (3, 8), mesh, ("joint", "mlp")) == P(None, "tensor")  # nowhere to go: replicated
