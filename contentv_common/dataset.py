@@ -199,6 +199,9 @@ def _read_header(path: Path, dtype: np.dtype) -> dict[str, _Tensor]:
     return out
 
 
+ON_CORRUPT = ("error", "skip")  # the policy for a corrupt / unreadable shard or record (the trainer's data.on_corrupt)
+
+
 class LatentDataset:
     """Random access to the records of a dataset folder (Grain `RandomAccessDataSource` protocol).
 
@@ -209,8 +212,8 @@ class LatentDataset:
     """
 
     def __init__(self, path: str | Path, on_corrupt: str = "error"):
-        if on_corrupt not in ("error", "skip"):
-            raise ValueError(f"on_corrupt={on_corrupt!r}: use 'error' or 'skip'")
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt={on_corrupt!r}: use one of {ON_CORRUPT}")
         self.path, self.on_corrupt = Path(path), on_corrupt
         mpath = self.path / MANIFEST_NAME
         if not mpath.is_file():
@@ -512,6 +515,11 @@ class ShardedLatentSource:
         self.corrupt_records += replaced
         self._pos = pos
         return batch
+
+    def corruption_counts(self) -> dict[str, int]:
+        """For the trainer's metrics (on_corrupt="skip"): records of shards found unreadable at open (never served)
+        and records replaced in served batches after a failed checksum, so far (this process)."""
+        return {"data_unreadable_records": self.ds.skipped_records, "data_corrupt_records": self.corrupt_records}
 
     def eval_prompts(self, n: int) -> dict:
         """The trainer's evaluation prompts: the first n readable records' captions ("names") and embeddings

@@ -88,6 +88,10 @@ def base(model: str = "tiny") -> ml_collections.ConfigDict:
     c.data.num_captions = 16  # synthetic set: distinct captions (fixed random text embeddings each)
     c.data.image_ratio = -1.0  # dataset: probability of an image batch (< 0: images and videos in one stream)
     c.data.tokens_per_step = 0  # dataset: batch sizes from this token budget per bucket (0: the buckets' own)
+    # dataset: a corrupt / unreadable shard or record: "error" stops the run with an error naming the file and
+    # record; "skip" logs them, drops unreadable shards, replaces rows failing their checksum by good rows of the
+    # batch and counts both in the metrics (data_unreadable_records, data_corrupt_records). --on-corrupt.
+    c.data.on_corrupt = "error"
 
     c.flow = ml_collections.ConfigDict()
     c.flow.timestep_sampling = "logit_normal"

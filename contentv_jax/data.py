@@ -145,6 +145,10 @@ class SyntheticCaptionedSource:
 def make_source(config, preset: ModelPreset, process_index: int = 0, process_count: int = 1) -> BatchSource:
     """The batch source named by `config.data.name`: 'synthetic', or a dataset folder (contentv_common.dataset)."""
     buckets = buckets_from_config(config.data.buckets)
+    on_corrupt = config.data.get("on_corrupt", "error")
+    if on_corrupt not in ("error", "skip"):
+        raise ValueError(f"data.on_corrupt={on_corrupt!r}: use 'error' (a corrupt shard or record stops the run, "
+                         f"naming it) or 'skip' (logged with its file and record, counted in the metrics)")
     if config.data.name == "synthetic":
         return SyntheticCaptionedSource(
             preset, buckets, list(config.data.bucket_weights), config.data.num_captions, config.seed,
@@ -156,5 +160,5 @@ def make_source(config, preset: ModelPreset, process_index: int = 0, process_cou
         return ShardedLatentSource(config.data.name, preset, buckets, seed=config.seed, process_index=process_index,
                                    process_count=process_count, image_ratio=config.data.get("image_ratio"),
                                    tokens_per_step=config.data.get("tokens_per_step"),
-                                   on_corrupt=config.data.get("on_corrupt") or "error")
+                                   on_corrupt=on_corrupt)
     raise ValueError(f"--data {config.data.name!r}: unknown data source; use 'synthetic' or a dataset folder")

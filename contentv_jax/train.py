@@ -283,6 +283,9 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     tx = make_optimizer(config.optim, config.steps)
     state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules, compiler_options)
     source = source or make_source(config, preset, jax.process_index(), jax.process_count())
+    unreadable = source.corruption_counts()["data_unreadable_records"] if hasattr(source, "corruption_counts") else 0
+    if unreadable:  # data.on_corrupt="skip" (with "error" the source raised, naming the shard)
+        log(f"data: SKIPPING {unreadable} records of unreadable shards {source.ds.bad_shards} (data.on_corrupt=skip)")
     ckpt = Checkpointer(checkpoint_dir, config.keep_checkpoints, config.checkpoint_every) if checkpoint_dir else None
     writer = MetricsWriter(metrics_file, tb_dir or (Path(metrics_file).parent / "tb" if metrics_file else None),
                            enabled=jax.process_index() == 0)
@@ -351,12 +354,15 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
                 dt = time.perf_counter() - window_t
                 if window_steps:
                     m.update(steps_per_s=window_steps / dt, tokens_per_s=window_tokens / dt, mfu=window_flops / dt / peak)
+                if hasattr(source, "corruption_counts"):  # data.on_corrupt="skip": what was skipped so far
+                    m.update(source.corruption_counts())
                 history.append({"step": step, **m})
                 writer.write(step, m)
                 log(f"step {step:>6} loss {m['loss']:.4f} grad {m['grad_norm']:.3f} lr {m['lr']:.2e}"
                     + (f" | {m['steps_per_s']:.2f} steps/s {m['tokens_per_s']:.0f} tok/s MFU {100 * m['mfu']:.2f}%"
                        if window_steps else "")
-                    + (f" | skipped {int(m['nonfinite'])} in a row" if m["nonfinite"] else ""))
+                    + (f" | skipped {int(m['nonfinite'])} in a row" if m["nonfinite"] else "")
+                    + (f" | {m['data_corrupt_records']} corrupt records replaced" if m.get("data_corrupt_records") else ""))
                 window_t, window_flops, window_tokens, window_steps = time.perf_counter(), 0.0, 0, 0
                 if m["nonfinite"] >= config.max_nonfinite:
                     stopped = "nonfinite"
@@ -407,8 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-file", default=None, help="JSONL metrics, one record per logged step (step, loss, norms, "
                    "steps/s, tokens/s, mfu); TensorBoard logs go to <its dir>/tb")
     p.add_argument("--tb-dir", default=None, help="TensorBoard log dir (default: next to --metrics-file)")
-    p.add_argument("--init-from", default=None, help="converted SD3.5 Large / ContentV diffusers folder, or an earlier "
-                   "stage's --checkpoint-dir, to initialise the params from (ignored when resuming)")
+    p.add_argument("--init-from", default=None, help="initial params (ignored when resuming): an earlier stage's "
+                   "--checkpoint-dir, or any transformer format `python -m convert` reads: a ContentV / SD3.5 model "
+                   "folder or its transformer/ folder, our JAX-format folder, sd3.5_large.safetensors")
+    p.add_argument("--on-corrupt", choices=("error", "skip"), default=None, help="a corrupt / unreadable dataset "
+                   "shard or record: error (stop, naming it) or skip (log it, count it in the metrics); default: "
+                   "the config's data.on_corrupt, error")
     p.add_argument("--log-every", type=int, default=None, help="log (and write metrics) every N steps")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=None, help="run seed (init, noise, data order)")
@@ -424,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args) -> Any:
     config = configs_lib.get_config(args.config)
     configs_lib.apply_overrides(config, args.set)
-    for flag, field in (("data", "data.name"), ("steps", "steps"), ("init_from", "init_from"),
+    for flag, field in (("data", "data.name"), ("on_corrupt", "data.on_corrupt"), ("steps", "steps"), ("init_from", "init_from"),
                         ("log_every", "log_every"), ("checkpoint_every", "checkpoint_every"), ("seed", "seed")):
         value = getattr(args, flag)
         if value is not None:

@@ -149,3 +149,44 @@ def test_init_from_reads_every_transformer_format(tmp_path):
         T.load_init_params(str(tmp_path / "wide"), abstract, shardings)
     with pytest.raises(FileNotFoundError, match="--init-from: .*nowhere"):
         T.load_init_params(str(tmp_path / "nowhere"), abstract, shardings)
+
+
+def _corrupt_row(shard: Path, row: int) -> None:
+    """Flip bytes inside `row` of the shard's latents (a valid safetensors file whose data no longer matches)."""
+    raw = bytearray(shard.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    t = json.loads(raw[8:8 + n])["latents"]
+    row_bytes = (t["data_offsets"][1] - t["data_offsets"][0]) // t["shape"][0]
+    at = 8 + n + t["data_offsets"][0] + row * row_bytes + 16
+    raw[at:at + 8] = bytes(b ^ 0xFF for b in raw[at:at + 8])
+    shard.write_bytes(bytes(raw))
+
+
+def test_data_on_corrupt_error_or_skip(tmp_path, capsys):
+    """data.on_corrupt (--on-corrupt): "error" (default) stops naming the shard file and record; "skip" drops an
+    unreadable shard, replaces a row failing its checksum, logs them and counts both in the metrics."""
+    from contentv_common.dataset import MANIFEST_NAME, CorruptDataError
+
+    data = _dataset(tmp_path / "ds")  # 16 records of bucket (9, 32, 48) in two shards of 8 rows
+    manifest = json.loads((data / MANIFEST_NAME).read_text())
+    first, second = (data / s["file"] for s in manifest["shards"])
+    rec = next(i for i, r in enumerate(manifest["records"]) if r["shard"] == 0 and r["row"] == 3)
+    _corrupt_row(first, 3)
+    argv = ["--data", str(data), "--set", "data.buckets=[(9, 32, 48, 8)]", "--steps", "2", "--log-every", "1",
+            "--mesh", "data=2,fsdp=-1", "--fast-compile"]
+    with pytest.raises(CorruptDataError, match=rf"record {rec} .*{first.name} row 3: checksum mismatch"):
+        T.main(argv)
+    second.write_bytes(second.read_bytes()[:100])  # truncated: unreadable
+    with pytest.raises(CorruptDataError, match=rf"shard .*{second.name}"):
+        T.main(argv + ["--on-corrupt", "error"])
+
+    metrics = tmp_path / "m.jsonl"
+    assert T.main(argv + ["--on-corrupt", "skip", "--metrics-file", str(metrics)]) == 0
+    out = capsys.readouterr().out
+    assert "SKIPPING 8 records of unreadable shards" in out and second.name in out, out
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    # one readable shard = one batch of 8 per epoch, holding the corrupt row: replaced once per step
+    assert [(r["data_unreadable_records"], r["data_corrupt_records"]) for r in records] == [(8, 1), (8, 2)]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    with pytest.raises(ValueError, match="data.on_corrupt='maybe'"):
+        T.train(configs.apply_overrides(configs.get_config("tiny"), [f"data.name={data}", "data.on_corrupt=maybe"]))
