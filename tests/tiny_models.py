@@ -1,101 +1,21 @@
-"""Build a complete ContentV-format model folder offline, with random weights, in the real on-disk formats.
+"""The tiny ContentV folder of the tests: `contentv_torch.tiny.make_tiny_contentv_folder` with the diffusers
+reference models as the VAE and transformer (one home for the folder builder: contentv_torch/tiny.py).
 
     make_tiny_contentv_folder(path, preset="tiny", seed=0) -> Path
 
-writes
-    model_index.json                       diffusers pipeline index (+ "_contentv_preset": the preset name)
-    transformer/                           our MM-DiT weights: config.json + diffusion_pytorch_model.safetensors
+writes the layout of `contentv_torch.tiny` with
     vae/                                   diffusers AutoencoderKLWan(...).save_pretrained
-    text_encoder/, text_encoder_2/         transformers CLIPTextModelWithProjection (CLIP-L / bigG widths of the preset)
-    text_encoder_3/                        transformers T5EncoderModel
-    tokenizer/, tokenizer_2/               CLIPTokenizer from a hand-made byte-level vocab + merges
-    tokenizer_3/                           T5Tokenizer (Unigram, built with `tokenizers`)
-    scheduler/scheduler_config.json        FlowMatchEulerDiscreteScheduler with the preset's shift
-Only for the tiny preset (or others whose text encoders are small enough to build on a CPU).
-The transformer weights are the re-randomised diffusers reference of `tests/reference.py` with the same seed,
-so `reference_transformer(cfg, seed)` holds exactly the folder's weights.
+    transformer/                           the re-randomised diffusers reference of `tests/reference.py` with the
+                                           same seed, so `reference_transformer(cfg, seed)` holds exactly its weights
 """
 from __future__ import annotations
 
-import json
-import string
 from pathlib import Path
 
 import torch
 
-from contentv_common.config import get_preset
-from contentv_common.weights import atomic_dir
-
-_WORDS = ["a", "the", "cat", "dog", "red", "blue", "car", "on", "in", "of", "sky", "sea", "big", "small", "video",
-          "running", "flying", "bird", "tree", "street", "night", "sunset", "over", "with", "city"]
-
-
-def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A byte-level BPE vocab: every byte, every byte + "</w>", whole-word merges for _WORDS, specials."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    chars = sorted(ByteLevel.alphabet())  # the 256 byte-level characters
-    vocab: dict[str, int] = {}
-    for tok in chars + [c + "</w>" for c in chars]:
-        vocab.setdefault(tok, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in _WORDS:  # merge left to right: "c a" -> "ca", "ca t</w>" -> "cat</w>"
-        if len(word) < 2:
-            continue
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            merge = (left, right)
-            left = left + right
-            if merge not in merges:
-                merges.append(merge)
-            vocab.setdefault(left, len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    return vocab, merges
-
-
-def _t5_vocab() -> list[tuple[str, float]]:
-    """Unigram pieces: <pad>=0, </s>=1, <unk>=2, "▁", letters, digits, punctuation, whole words."""
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -5.0) for c in string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation]
-    pieces += [("▁" + c, -4.0) for c in string.ascii_lowercase]
-    pieces += [("▁" + w, -1.0) for w in _WORDS if len(w) > 1]
-    return pieces
-
-
-def _write_tokenizers(root: Path, clip_max_tokens: int) -> tuple[int, int, int]:
-    from transformers import CLIPTokenizer, T5Tokenizer
-
-    vocab, merges = _clip_vocab()
-    clip = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=clip_max_tokens)
-    clip.save_pretrained(root / "tokenizer")
-    # SD3's bigG tokenizer pads with "!" instead of <|endoftext|>; keep that difference.
-    clip2 = CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=clip_max_tokens)
-    clip2.save_pretrained(root / "tokenizer_2")
-    t5 = T5Tokenizer(vocab=_t5_vocab(), extra_ids=0, model_max_length=512)
-    t5.save_pretrained(root / "tokenizer_3")
-    return len(vocab), clip.bos_token_id, clip.eos_token_id
-
-
-def _write_text_encoders(root: Path, preset, seed: int, clip_vocab: int, bos: int, eos: int) -> None:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    t = preset.text
-    clips = [("text_encoder", t.clip_l_hidden, t.clip_l_projection),
-             ("text_encoder_2", t.clip_g_hidden, t.clip_g_projection)]
-    for i, (name, hidden, proj) in enumerate(clips):
-        torch.manual_seed(seed + 1 + i)
-        cfg = CLIPTextConfig(vocab_size=clip_vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                             projection_dim=proj, num_hidden_layers=3, num_attention_heads=2,
-                             max_position_embeddings=t.clip_max_tokens, hidden_act="gelu",
-                             bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
-        CLIPTextModelWithProjection(cfg).eval().save_pretrained(root / name)
-    torch.manual_seed(seed + 3)
-    cfg = T5Config(vocab_size=len(_t5_vocab()), d_model=t.t5_hidden, d_kv=8, d_ff=2 * t.t5_hidden, num_layers=2,
-                   num_heads=4, feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
-                   relative_attention_max_distance=32, dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
-    T5EncoderModel(cfg).eval().save_pretrained(root / "text_encoder_3")
+from contentv_torch import tiny
+from contentv_torch.tiny import clip_vocab as _clip_vocab  # noqa: F401  (tests import it from here)
 
 
 def _write_vae(root: Path, preset, seed: int) -> None:
@@ -119,33 +39,7 @@ def _write_transformer(root: Path, preset, seed: int) -> None:
 
 def make_tiny_contentv_folder(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
     """Write a whole ContentV-format folder at `path` (atomically; an existing folder is replaced) and return it."""
-    p = get_preset(preset)
-    path = Path(path)
-    with torch.random.fork_rng(devices=[]), atomic_dir(path, overwrite=True) as root:
-        clip_vocab, bos, eos = _write_tokenizers(root, p.text.clip_max_tokens)
-        _write_text_encoders(root, p, seed, clip_vocab, bos, eos)
-        _write_vae(root, p, seed)
-        _write_transformer(root, p, seed)
-        (root / "scheduler").mkdir()
-        (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-            {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.31.0",
-             "num_train_timesteps": 1000, "shift": p.shift}, indent=2))
-        index = {
-            "_class_name": "StableDiffusion3Pipeline",
-            "_diffusers_version": "0.31.0",
-            "_contentv_preset": preset,
-            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-            "text_encoder_3": ["transformers", "T5EncoderModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "tokenizer_2": ["transformers", "CLIPTokenizer"],
-            "tokenizer_3": ["transformers", "T5TokenizerFast"],
-            "transformer": ["contentv", "SD3Transformer3DModel"],
-            "vae": ["diffusers", "AutoencoderKLWan"],
-        }
-        (root / "model_index.json").write_text(json.dumps(index, indent=2))
-    return path
+    return tiny.make_tiny_contentv_folder(path, preset, seed, write_vae=_write_vae, write_transformer=_write_transformer)
 
 
 try:  # a session-wide tiny folder for the tests: `from tiny_models import tiny_folder` in a test module
