@@ -21,6 +21,12 @@ WAN21_LATENTS_STD = (
 )
 
 
+def _to_dict(config, class_name: str) -> dict[str, Any]:
+    """A frozen config -> its diffusers `config.json` dict (`_class_name` first, tuples as lists)."""
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return {"_class_name": class_name, **d}
+
+
 def _from_dict(cls, d: dict[str, Any], ignore: tuple[str, ...] = ()):
     """Build a frozen config from a diffusers `config.json` dict: unknown keys (other than `_*` metadata
     and the names in `ignore`) are an error that names them, lists become tuples."""
@@ -67,9 +73,7 @@ class TransformerConfig:
         return self.num_attention_heads * self.attention_head_dim
 
     def to_diffusers_config(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["dual_attention_layers"] = list(self.dual_attention_layers)
-        return {"_class_name": "SD3Transformer3DModel", **d}
+        return _to_dict(self, "SD3Transformer3DModel")
 
     @classmethod
     def from_diffusers_config(cls, d: dict[str, Any]) -> "TransformerConfig":
@@ -114,8 +118,7 @@ class VAEConfig:
         return (frames - 1) // self.temporal_factor + 1
 
     def to_diffusers_config(self) -> dict[str, Any]:
-        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-        return {"_class_name": "AutoencoderKLWan", **d}
+        return _to_dict(self, "AutoencoderKLWan")
 
     @classmethod
     def from_diffusers_config(cls, d: dict[str, Any]) -> "VAEConfig":

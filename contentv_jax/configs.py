@@ -207,6 +207,17 @@ def _parse_value(text: str, like):
     return value
 
 
+def apply_flags(config: ml_collections.ConfigDict, args, flag_fields) -> ml_collections.ConfigDict:
+    """Set the fields of the CLI flags that were given: flag_fields ((argparse dest, "section.field"), ...);
+    a flag left at None keeps the config's value. Returns the same config."""
+    for flag, field in flag_fields:
+        value = getattr(args, flag)
+        if value is not None:
+            section, _, leaf = field.rpartition(".")
+            (config[section] if section else config)[leaf] = value
+    return config
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
     """['optim.lr=3e-4', 'data.buckets=[(9,32,48,8)]'] -> the same (locked) config with those fields set.
     Unknown fields and type changes raise naming the field."""

@@ -54,7 +54,7 @@ from contentv_jax.train import (
     abstract_with_shardings,
     build_model,
     create_train_state,
-    load_init_params,
+    init_params_from,
     place_batch,
 )
 
@@ -386,9 +386,7 @@ def rlhf(config, *, mesh_spec: str | None = None, mesh: jax.sharding.Mesh | None
         writer.truncate_after(resume_step)
         log(f"resumed from {checkpoint_dir} step {resume_step}")
     elif config.init_from:
-        params = load_init_params(config.init_from, state.params, state_shardings.params)
-        copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_shardings.params)
-        state = state.replace(params=params, ema_params=copy(params))
+        state = init_params_from(config.init_from, state, state_shardings)
         log(f"initialised params from {config.init_from}")
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -477,13 +475,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     config = get_config(args.config)
     configs_lib.apply_overrides(config, args.set)
-    for flag, field in (("reward", "rlhf.reward"), ("reward_processor", "rlhf.reward_processor"), ("vae", "rlhf.vae"),
-                        ("prompts", "rlhf.prompts"), ("text_encoders", "rlhf.text_encoders"), ("init_from", "init_from"),
-                        ("steps", "steps")):
-        value = getattr(args, flag)
-        if value is not None:
-            section, _, leaf = field.rpartition(".")
-            (config[section] if section else config)[leaf] = value
+    configs_lib.apply_flags(config, args, (
+        ("reward", "rlhf.reward"), ("reward_processor", "rlhf.reward_processor"), ("vae", "rlhf.vae"),
+        ("prompts", "rlhf.prompts"), ("text_encoders", "rlhf.text_encoders"), ("init_from", "init_from"),
+        ("steps", "steps")))
     out = rlhf(config, mesh_spec=args.mesh, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                metrics_file=args.metrics_file)
     e = out["evals"]

@@ -253,6 +253,13 @@ def load_init_params(path: str, abstract_params, shardings):
     return flax.traverse_util.unflatten_dict(placed, sep="/")
 
 
+def init_params_from(path: str, state: TrainState, state_shardings: TrainState) -> TrainState:
+    """`state` with its params and EMA params both set from `--init-from` `path` (`load_init_params`)."""
+    params = load_init_params(path, state.params, state_shardings.params)
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_shardings.params)
+    return state.replace(params=params, ema_params=copy(params))
+
+
 class _Sigterm:
     """Turns SIGTERM into a flag the loop polls (save, then exit)."""
 
@@ -311,9 +318,7 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
         writer.truncate_after(resume_step)
         log(f"resumed from {checkpoint_dir} step {resume_step}")
     elif config.init_from:
-        params = load_init_params(config.init_from, state.params, state_shardings.params)
-        copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_shardings.params)
-        state = state.replace(params=params, ema_params=copy(params))
+        state = init_params_from(config.init_from, state, state_shardings)
         log(f"initialised params from {config.init_from}")
 
     evaluator = None
@@ -434,13 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args) -> Any:
     config = configs_lib.get_config(args.config)
     configs_lib.apply_overrides(config, args.set)
-    for flag, field in (("data", "data.name"), ("on_corrupt", "data.on_corrupt"), ("steps", "steps"), ("init_from", "init_from"),
-                        ("log_every", "log_every"), ("checkpoint_every", "checkpoint_every"), ("seed", "seed")):
-        value = getattr(args, flag)
-        if value is not None:
-            section, _, leaf = field.rpartition(".")
-            (config[section] if section else config)[leaf] = value
-    return config
+    return configs_lib.apply_flags(config, args, (
+        ("data", "data.name"), ("on_corrupt", "data.on_corrupt"), ("steps", "steps"), ("init_from", "init_from"),
+        ("log_every", "log_every"), ("checkpoint_every", "checkpoint_every"), ("seed", "seed")))
 
 
 def main(argv=None) -> int:

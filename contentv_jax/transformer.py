@@ -229,17 +229,22 @@ class FeedForward(nn.Module):
         return _dense(self.dim, ("mlp", "embed"), self.dtype, self.param_dtype, "proj_out")(h)
 
 
-class JointAttention(nn.Module):
-    """Joint attention over [video | text] tokens with RMS qk-norm (diffusers `JointAttnProcessor2_0`).
-
-    x [B, N, D], c [B, L, D] -> (x_out [B, N, D], c_out [B, L, D] or None when context_pre_only).
-    """
+class _JointFields(nn.Module):
+    """The fields of a joint block, which it hands on to its attention unchanged."""
 
     config: TransformerConfig
-    context_pre_only: bool = False
+    context_pre_only: bool = False  # the last block: no text-stream output
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+
+
+class JointAttention(_JointFields):
+    """Joint attention over [video | text] tokens with RMS qk-norm (diffusers `JointAttnProcessor2_0`).
+
+    Fields: `_JointFields`. x [B, N, D], c [B, L, D] -> (x_out [B, N, D], c_out [B, L, D] or None when
+    context_pre_only).
+    """
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array):
@@ -273,18 +278,12 @@ class JointAttention(nn.Module):
         return x_out, _dense(d, ("heads", "embed"), dt, pdt, "to_add_out")(o[:, n:])
 
 
-class JointTransformerBlock(nn.Module):
+class JointTransformerBlock(_JointFields):
     """One MM-DiT block (diffusers `JointTransformerBlock`, adaLN-Zero, no dual attention).
 
     carry (x [B, N, D], c [B, L, D]), temb [B, D] -> ((x', c'), None); c' is None when context_pre_only.
-    The (carry, broadcast input) -> (carry, None) signature is what `nn.scan` wants.
+    The (carry, broadcast input) -> (carry, None) signature is what `nn.scan` wants. Fields: `_JointFields`.
     """
-
-    config: TransformerConfig
-    context_pre_only: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, carry, temb: jax.Array):
