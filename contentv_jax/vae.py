@@ -453,15 +453,16 @@ class WanVAE(nn.Module):
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
-    def decode(self, z: jax.Array) -> jax.Array:
-        """z [B, T, h, w, z] (raw VAE latents, not normalised) -> video [B, 4(T-1)+1, 8h, 8w, 3] in [-1, 1]."""
+    def decode(self, z: jax.Array, clamp: bool = True) -> jax.Array:
+        """z [B, T, h, w, z] (raw VAE latents, not normalised) -> video [B, 4(T-1)+1, 8h, 8w, 3] in [-1, 1].
+        clamp False returns the unclamped output (training: the clamp has no gradient outside [-1, 1])."""
         self._check_latents(z, "decode")
         x, _ = self.post_quant_conv(z)
         y, cache = self.decoder(x[:, :1], None)  # [B, 1, H, W, 3]
         if z.shape[1] > 1:
             ys = _scan_chunks(self.decoder, cache, x[:, 1:, None])  # [B, T-1, 4, H, W, 3]
             y = jnp.concatenate([y, ys.reshape(ys.shape[0], -1, *ys.shape[3:])], axis=1)
-        return jnp.clip(y, -1.0, 1.0)
+        return jnp.clip(y, -1.0, 1.0) if clamp else y
 
     def decode_first_frame(self, z: jax.Array) -> jax.Array:
         """z [B, T, h, w, z] -> the first video frame [B, 1, 8h, 8w, 3] in [-1, 1], from latent frame 0 only."""

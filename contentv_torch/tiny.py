@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -95,7 +95,12 @@ def _write_tokenizers(root: Path, clip_max_tokens: int, words: Sequence[str]) ->
 
 def _write_text_encoders(root: Path, preset: ModelPreset, seed: int, clip_vocab_size: int, bos: int, eos: int,
                          t5_vocab_size: int) -> None:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
 
     t = preset.text
     clips = [("text_encoder", t.clip_l_hidden, t.clip_l_projection),

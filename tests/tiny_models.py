@@ -27,8 +27,9 @@ def _write_vae(root: Path, preset, seed: int) -> None:
 
 
 def _write_transformer(root: Path, preset, seed: int) -> None:
-    from contentv_torch.transformer import ContentVTransformer3DModel
     from reference import reference_state_dict, reference_transformer
+
+    from contentv_torch.transformer import ContentVTransformer3DModel
 
     with torch.device("meta"):
         model = ContentVTransformer3DModel(preset.transformer)

@@ -1,0 +1,338 @@
+"""End to end on one CPU: synthetic clips -> JAX VAE -> encode_dataset -> JAX MM-DiT -> convert -> PyTorch generate.
+
+    python -m examples.e2e --out e2e_out            # the whole run (about 10 minutes on 2 CPU cores)
+    python -m examples.e2e --out e2e_out --quick    # every phase with a handful of steps (CI: tests/test_e2e.py)
+
+Phases (each shows a progress bar and ends with a one-line summary):
+  1. clips     coloured squares / circles moving left / right / up / down on a plain background
+               (examples/shapes.py), 9 frames at 32x48, as mp4 files + captions.jsonl (encode_dataset's input);
+               colour x direction pairs of examples.shapes.HELDOUT_PAIRS are never in it.
+  2. vae       a tiny Wan2.1 VAE (the `tiny` preset's) trained from scratch in JAX (contentv_jax.vae_train:
+               reconstruction + KL), its latent mean / std measured, written in our JAX format (vae_flax/) and
+               converted with `convert` into the vae/ of a ContentV folder (ContentV-shapes/) whose text encoders,
+               tokenizers and MM-DiT are the frozen tiny random ones built offline (contentv_torch.tiny).
+  3. encode    python -m contentv_torch.encode_dataset: the clips -> a latent dataset (dataset/).
+  4. train     python -m contentv_jax.train --config tiny --data dataset/: the tiny MM-DiT, from scratch (ckpt/).
+  5. convert   python -m convert --to torch ckpt/ ContentV-shapes-trained/ --components ContentV-shapes/.
+  6. generate  python -m contentv_torch.generate for every held-out caption, with the trained folder and with
+               ContentV-shapes/ (same pipeline, random MM-DiT: the baseline) -> samples/{trained,untrained}/*.mp4,
+               contact_sheet.png / contact_sheet_untrained.png (rows = prompts, columns = frames).
+  7. check     per generated video: is the dominant non-background colour the prompt's, does the colour mass move
+               in the prompt's direction (examples.shapes.analyse); accuracies for both models -> report.json.
+Every output is written atomically; a rerun replaces --out's contents phase by phase.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python examples/e2e.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from contentv_common.weights import atomic_dir, atomic_file
+from examples import shapes
+
+FRAMES, HEIGHT, WIDTH, FPS = 9, 32, 48, 24
+PRESET = "tiny"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The sizes of one run; `full()` is the default run, `quick()` the CI one."""
+
+    clips_per_caption: int
+    vae_steps: int
+    vae_batch: int
+    vae_frames: int  # training windows of the clips (4k+1 frames; 5 = the first chunk + one cached chunk)
+    vae_lr: float
+    kl_weight: float
+    dit_steps: int
+    dit_lr: float
+    sample_steps: int
+    videos_per_prompt: int
+    prompts: int  # held-out prompts to generate (0: all)
+
+    @staticmethod
+    def full() -> Settings:
+        return Settings(clips_per_caption=12, vae_steps=600, vae_batch=4, vae_frames=5, vae_lr=5e-4, kl_weight=1e-6, dit_steps=4000,
+                        dit_lr=1e-3, sample_steps=16, videos_per_prompt=2, prompts=0)
+
+    @staticmethod
+    def quick() -> Settings:
+        return Settings(clips_per_caption=1, vae_steps=2, vae_batch=2, vae_frames=1, vae_lr=2e-3, kl_weight=1e-6, dit_steps=2,
+                        dit_lr=1e-3, sample_steps=2, videos_per_prompt=1, prompts=2)
+
+
+def _summary(phase: str, text: str, t0: float) -> None:
+    tqdm.write(f"[{phase}] {text} ({time.time() - t0:.1f} s)")
+
+
+def _run(cmd: list[str], phase: str, log: Path, quiet: bool = False, threads: int | None = None) -> None:
+    """Run one of the project's CLIs; its output goes to the terminal (to `log` instead when quiet).
+    A failure raises naming the command and the log's last lines."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    if quiet:
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, check=False, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    else:
+        rc = subprocess.run(cmd, env=env, check=False).returncode
+    if rc:
+        tail = log.read_text()[-3000:] if quiet and log.is_file() else "(see the output above)"
+        raise RuntimeError(f"[{phase}] `{' '.join(cmd)}` failed with exit code {rc}:\n{tail}")
+
+
+# ---- 1. clips ---------------------------------------------------------------------------------------------
+def make_clips(out: Path, s: Settings, seed: int) -> Path:
+    """out/clips/: c<i>.mp4 + captions.jsonl ({"file", "caption"} per line), training captions only."""
+    from contentv_torch.video_io import write_mp4
+
+    t0 = time.time()
+    rng = np.random.default_rng(seed)
+    jobs = [c for c in shapes.captions("train") for _ in range(s.clips_per_caption)]
+    with atomic_dir(out / "clips", overwrite=True) as root:
+        lines = []
+        for i, cap in enumerate(tqdm(jobs, desc="[1/7 clips] render + mp4", unit="clip")):
+            write_mp4(root / f"c{i:04d}.mp4", shapes.render(cap, FRAMES, HEIGHT, WIDTH, rng), fps=FPS)
+            lines.append(json.dumps({"file": f"c{i:04d}.mp4", "caption": cap.text}))
+        (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    _summary("1/7 clips", f"{len(jobs)} clips ({len(shapes.captions('train'))} training captions x "
+             f"{s.clips_per_caption}), {FRAMES}x{HEIGHT}x{WIDTH} at {FPS} fps -> {out / 'clips'}", t0)
+    return out / "clips"
+
+
+def read_clips(clips: Path) -> np.ndarray:
+    """The clips of captions.jsonl as video [N, F, H, W, 3] float32 in [-1, 1] (read back from the mp4s)."""
+    from contentv_torch.video_io import read_mp4
+
+    files = [json.loads(line)["file"] for line in (clips / "captions.jsonl").read_text().splitlines() if line]
+    videos = np.stack([read_mp4(clips / f)[0] for f in files])
+    if videos.shape[1:] != (FRAMES, HEIGHT, WIDTH, 3):
+        raise ValueError(f"{clips}: clips are {videos.shape[1:]}, expected {(FRAMES, HEIGHT, WIDTH, 3)}")
+    return videos.astype(np.float32) / 127.5 - 1.0
+
+
+# ---- 2. VAE ----------------------------------------------------------------------------------------------
+def train_vae(out: Path, clips: Path, s: Settings, seed: int, fast_compile: bool = False) -> Path:
+    """Train the tiny Wan VAE on the clips; write vae_flax/ and the ContentV folder ContentV-shapes/ (random tiny
+    text encoders + MM-DiT, the trained VAE converted by `convert`). Returns the folder."""
+    from contentv_common.config import get_preset
+    from contentv_jax.vae_train import (
+        VAETrainer,
+        latent_stats,
+        save_flax_folder,
+        with_latent_stats,
+    )
+    from contentv_torch.tiny import make_tiny_contentv_folder
+    from convert.export import convert
+
+    t0 = time.time()
+    videos = read_clips(clips)
+    cfg = get_preset(PRESET).vae
+    trainer = VAETrainer(cfg, lr=s.vae_lr, kl_weight=s.kl_weight, seed=seed, sample=False,
+                         compiler_options={"xla_backend_optimization_level": 0} if fast_compile else None)
+    rng = np.random.default_rng(seed + 1)
+    bar = tqdm(range(s.vae_steps), desc="[2/7 vae] train (recon + KL, JAX)", unit="step")
+    first = last = None
+    for _ in bar:
+        start = int(rng.integers(0, FRAMES - s.vae_frames + 1))
+        m = trainer.step(videos[rng.integers(0, len(videos), s.vae_batch), start:start + s.vae_frames])
+        first = first or m
+        last = m
+        bar.set_postfix(recon=f"{m['recon']:.4f}", kl=f"{m['kl']:.1f}")
+    mean, std = latent_stats(cfg, trainer.params, videos)
+    cfg = with_latent_stats(cfg, mean, std)
+    save_flax_folder(cfg, trainer.params, out / "vae_flax", overwrite=True)
+    folder = out / "ContentV-shapes"
+    make_tiny_contentv_folder(folder, PRESET, seed=seed, words=shapes.WORDS)
+    convert(out / "vae_flax", folder / "vae", "torch", overwrite=True)  # replaces the random vae/ (atomically)
+    _summary("2/7 vae", f"{s.vae_steps} steps, recon MSE {first['recon']:.4f} -> {last['recon']:.4f}, "
+             f"KL {last['kl']:.1f}, latent std {float(np.mean(std)):.2f} -> {folder}", t0)
+    return folder
+
+
+# ---- 3-5: the CLIs -----------------------------------------------------------------------------------------
+def encode(out: Path, clips: Path, folder: Path) -> Path:
+    t0 = time.time()
+    data = out / "dataset"
+    tqdm.write("[3/7 encode] python -m contentv_torch.encode_dataset")
+    _run([sys.executable, "-m", "contentv_torch.encode_dataset", "--model", str(folder), "--captions",
+          str(clips / "captions.jsonl"), "--output", str(data), "--buckets", f"{FRAMES}x{HEIGHT}x{WIDTH}",
+          "--fps", str(FPS), "--batch-size", "16", "--device", "cpu", "--overwrite"], "3/7 encode", out / "encode.log")
+    manifest = json.loads((data / "manifest.json").read_text())
+    n = sum(manifest.get("counts", {}).values()) if isinstance(manifest.get("counts"), dict) else None
+    _summary("3/7 encode", f"latent dataset -> {data}" + (f" ({n} clips)" if n is not None else ""), t0)
+    return data
+
+
+def train_dit(out: Path, data: Path, s: Settings, seed: int, fast_compile: bool = False) -> Path:
+    t0 = time.time()
+    ckpt, metrics = out / "ckpt", out / "metrics.jsonl"
+    tqdm.write("[4/7 train] python -m contentv_jax.train")
+    _run([sys.executable, "-m", "contentv_jax.train", "--config", PRESET, "--data", str(data), "--steps",
+          str(s.dit_steps), "--checkpoint-dir", str(ckpt), "--checkpoint-every", str(s.dit_steps), "--resume", "no",
+          "--metrics-file", str(metrics), "--log-every", str(max(1, min(50, s.dit_steps // 4))), "--seed", str(seed),
+          "--set", f"optim.lr={s.dit_lr}", "--set", f"optim.warmup_steps={min(20, s.dit_steps)}",
+          "--set", f"data.buckets=[({FRAMES},{HEIGHT},{WIDTH},8)]"] + (["--fast-compile"] if fast_compile else []),
+         "4/7 train", out / "train.log")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    _summary("4/7 train", f"{s.dit_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} -> {ckpt}" if losses
+             else f"{s.dit_steps} steps -> {ckpt}", t0)
+    return ckpt
+
+
+def convert_ckpt(out: Path, ckpt: Path, folder: Path) -> Path:
+    t0 = time.time()
+    trained = out / "ContentV-shapes-trained"
+    tqdm.write("[5/7 convert] python -m convert")
+    _run([sys.executable, "-m", "convert", "--to", "torch", str(ckpt), str(trained), "--components", str(folder),
+          "--overwrite", "-q"], "5/7 convert", out / "convert.log")
+    _summary("5/7 convert", f"{ckpt} -> {trained} (transformer/ from the checkpoint, the rest from {folder.name}/)", t0)
+    return trained
+
+
+# ---- 6. generate + contact sheet -----------------------------------------------------------------------------
+def generate(out: Path, models: dict[str, Path], prompts: list[shapes.Caption], s: Settings, seed: int,
+             workers: int = 2) -> dict:
+    """{model name: [(caption, [video paths])]} after running generate for every (model, prompt); `workers`
+    CLI processes at a time, one torch thread each (their start-up is single-threaded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from contentv_torch.generate import video_paths
+    from contentv_torch.video_io import read_mp4
+
+    t0 = time.time()
+    (out / "logs").mkdir(exist_ok=True)
+
+    def job(name: str, i: int, cap: shapes.Caption) -> list[Path]:
+        mp4 = out / "samples" / name / f"p{i:02d}-{cap.text.replace(' ', '_')}.mp4"
+        _run([sys.executable, "-m", "contentv_torch.generate", "--model", str(models[name]), "--prompt", cap.text,
+              "--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH), "--steps", str(s.sample_steps),
+              "--guidance", "1.0", "--seed", str(seed + i), "--num-videos", str(s.videos_per_prompt),
+              "--output", str(mp4), "--fps", str(FPS), "--device", "cpu", "--quiet"], "6/7 generate",
+             out / "logs" / f"generate-{name}-{i:02d}.log", quiet=True, threads=1)
+        return video_paths(mp4, s.videos_per_prompt)
+
+    jobs = [(name, i, cap) for name in models for i, cap in enumerate(prompts)]
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(jobs), desc="[6/7 generate] python -m contentv_torch.generate",
+                                                   unit="prompt") as bar:
+        futures = [pool.submit(job, *j) for j in jobs]
+        for f in futures:
+            f.add_done_callback(lambda _: bar.update())
+        paths = [f.result() for f in futures]
+    done: dict[str, list] = {name: [] for name in models}
+    for (name, _, cap), p in zip(jobs, paths):
+        done[name].append((cap, p))
+    for name, rows in done.items():
+        sheet = out / ("contact_sheet.png" if name == "trained" else f"contact_sheet_{name}.png")
+        write_contact_sheet(sheet, [read_mp4(paths[0])[0] for _, paths in rows])
+    n = sum(len(p) for rows in done.values() for _, p in rows)
+    _summary("6/7 generate", f"{n} videos for {len(prompts)} held-out prompts x {list(models)} -> {out / 'samples'}, "
+             f"{out / 'contact_sheet.png'}", t0)
+    return done
+
+
+def write_contact_sheet(path: Path, videos: list[np.ndarray], gap: int = 2) -> Path:
+    """videos: one [F, H, W, 3] uint8 per row -> a PNG grid (rows = prompts, columns = frames), `gap` px apart."""
+    from PIL import Image
+
+    f, h, w, _ = videos[0].shape
+    sheet = np.full((len(videos) * (h + gap) + gap, f * (w + gap) + gap, 3), 255, np.uint8)
+    for r, v in enumerate(videos):
+        for c in range(f):
+            sheet[gap + r * (h + gap):gap + r * (h + gap) + h, gap + c * (w + gap):gap + c * (w + gap) + w] = v[c]
+    with atomic_file(path) as tmp:
+        Image.fromarray(sheet).save(tmp, format="PNG")
+    return path
+
+
+# ---- 7. check --------------------------------------------------------------------------------------------------
+def check(out: Path, done: dict, clips: Path, settings: Settings, timings: dict) -> dict:
+    from contentv_torch.video_io import read_mp4
+
+    t0 = time.time()
+    # The analyser on real training clips first: it must read the ground truth right, or its numbers mean nothing.
+    lines = [json.loads(x) for x in (clips / "captions.jsonl").read_text().splitlines() if x]
+    by_text = {c.text: c for c in shapes.captions()}
+    real = [shapes.score(by_text[x["caption"]], shapes.analyse(read_mp4(clips / x["file"])[0]))["both"] for x in lines]
+    report = {"frames": FRAMES, "height": HEIGHT, "width": WIDTH, "settings": asdict(settings),
+              "heldout_pairs": sorted(map(list, shapes.HELDOUT_PAIRS)),
+              "analyser_accuracy_on_training_clips": float(np.mean(real)), "models": {}}
+    for name, rows in done.items():
+        per = []
+        for cap, paths in rows:
+            for p in paths:
+                a = shapes.analyse(read_mp4(p)[0])
+                per.append({"prompt": cap.text, "video": str(p.relative_to(out)), "colour": a.colour,
+                            "direction": a.direction, "shift": a.shift, "foreground": a.foreground,
+                            **shapes.score(cap, a)})
+        report["models"][name] = {
+            "videos": len(per),
+            **{f"{k}_accuracy": float(np.mean([r[k] for r in per])) for k in ("colour", "direction", "both")},
+            "per_video": per,
+        }
+    report["timings_s"] = timings
+    with atomic_file(out / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    parts = [f"{n}: colour {m['colour_accuracy']:.0%} direction {m['direction_accuracy']:.0%} both {m['both_accuracy']:.0%}"
+             for n, m in report["models"].items()]
+    _summary("7/7 check", f"{'; '.join(parts)} (analyser on training clips {report['analyser_accuracy_on_training_clips']:.0%})"
+             f" -> {out / 'report.json'}", t0)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m examples.e2e", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="e2e_out", help="working / output folder (default e2e_out)")
+    ap.add_argument("--quick", action="store_true", help="every phase with a handful of steps (CI)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help=f"override a run size, e.g. --set dit_steps=1200; fields: {list(Settings.__dataclass_fields__)}")
+    args = ap.parse_args(argv)
+    s = Settings.quick() if args.quick else Settings.full()
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in Settings.__dataclass_fields__:
+            ap.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {list(Settings.__dataclass_fields__)}")
+        kind = type(getattr(s, key))
+        try:
+            s = Settings(**{**asdict(s), key: kind(value)})
+        except ValueError:
+            ap.error(f"--set {item!r}: {value!r} is not a {kind.__name__}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    start = time.time()
+
+    def timed(name, fn, *a):
+        t = time.time()
+        result = fn(*a)
+        timings[name] = round(time.time() - t, 1)
+        return result
+
+    clips = timed("clips", make_clips, out, s, args.seed)
+    folder = timed("vae", train_vae, out, clips, s, args.seed, args.quick)
+    data = timed("encode", encode, out, clips, folder)
+    ckpt = timed("train", train_dit, out, data, s, args.seed, args.quick)
+    trained = timed("convert", convert_ckpt, out, ckpt, folder)
+    prompts = shapes.captions("heldout")
+    prompts = prompts[:s.prompts] if s.prompts else prompts
+    done = timed("generate", generate, out, {"trained": trained, "untrained": folder}, prompts, s, args.seed)
+    timings["total_before_check"] = round(time.time() - start, 1)
+    report = check(out, done, clips, s, timings)
+    tqdm.write(f"done in {time.time() - start:.0f} s: {out / 'report.json'}, {out / 'contact_sheet.png'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

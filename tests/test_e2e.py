@@ -1,0 +1,101 @@
+"""examples/e2e.py end to end with a handful of steps (`--quick`): every phase runs its real CLI and writes every
+artefact with the right shapes. Accuracy is the full run's business (see the README), not this test's."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from examples import shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("direction", list(shapes.DIRECTIONS))
+def test_analyse_reads_rendered_clips(direction):
+    rng = np.random.default_rng(0)
+    for colour in shapes.COLOURS:
+        for shape in shapes.SHAPES:
+            cap = shapes.Caption(colour, shape, direction)
+            a = shapes.analyse(shapes.render(cap, 9, 32, 48, rng))
+            assert shapes.score(cap, a) == {"colour": True, "direction": True, "both": True}, (cap, a)
+    still = np.full((9, 32, 48, 3), shapes.BACKGROUND, np.uint8)
+    assert shapes.analyse(still).colour is None and shapes.analyse(still).direction is None
+
+
+def test_heldout_captions_are_never_trained():
+    train, held = shapes.captions("train"), shapes.captions("heldout")
+    assert {(c.colour, c.direction) for c in train}.isdisjoint({(c.colour, c.direction) for c in held})
+    # every held-out colour and direction is trained, with other partners
+    assert {c.colour for c in held} <= {c.colour for c in train} and {c.direction for c in held} <= {c.direction for c in train}
+    assert len(held) == 2 * len(shapes.HELDOUT_PAIRS) and len(train) + len(held) == len(shapes.captions())
+    with pytest.raises(ValueError, match="split"):
+        shapes.captions("test")
+
+
+def test_e2e_quick(tmp_path):
+    from PIL import Image
+
+    from contentv_torch.pipeline import read_model_info
+    from contentv_torch.transformer import ContentVTransformer3DModel
+    from contentv_torch.vae import WanVAE
+    from contentv_torch.video_io import read_mp4
+
+    out = tmp_path / "e2e"
+    proc = subprocess.run([sys.executable, "-m", "examples.e2e", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for phase in ("1/7 clips", "2/7 vae", "3/7 encode", "4/7 train", "5/7 convert", "6/7 generate", "7/7 check"):
+        assert f"[{phase}]" in proc.stdout + proc.stderr, f"no summary line for phase {phase}"
+
+    # 1. clips: the real encode_dataset input, training captions only
+    lines = [json.loads(x) for x in (out / "clips" / "captions.jsonl").read_text().splitlines()]
+    assert [x["caption"] for x in lines] == [c.text for c in shapes.captions("train")]
+    frames, fps = read_mp4(out / "clips" / lines[0]["file"])
+    assert frames.shape == (9, 32, 48, 3) and fps == 24
+    # 2. the trained VAE: our JAX format and the diffusers vae/ converted from it, with measured latent stats
+    assert json.loads((out / "vae_flax" / "config.json").read_text())["_contentv_format"] == "flax"
+    vae = WanVAE.from_pretrained(out / "ContentV-shapes" / "vae")
+    assert vae.config.latents_std != get_default_vae_std()
+    # 3-5. dataset, checkpoint, converted folder
+    manifest = json.loads((out / "dataset" / "manifest.json").read_text())
+    assert json.dumps(manifest).count("9x32x48") >= 1
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()][-1] == 2
+    info = read_model_info(out / "ContentV-shapes-trained")
+    assert info.preset.name == "tiny"
+    ContentVTransformer3DModel.from_pretrained(out / "ContentV-shapes-trained" / "transformer")
+    # 6. samples and contact sheets: rows = prompts, columns = frames
+    for name in ("trained", "untrained"):
+        videos = sorted((out / "samples" / name).glob("*.mp4"))
+        assert len(videos) == 2, videos
+        for v in videos:
+            assert read_mp4(v)[0].shape == (9, 32, 48, 3)
+    for sheet in ("contact_sheet.png", "contact_sheet_untrained.png"):
+        with Image.open(out / sheet) as im:
+            assert im.size == (9 * (48 + 2) + 2, 2 * (32 + 2) + 2) and im.mode == "RGB"
+    # 7. the report
+    report = json.loads((out / "report.json").read_text())
+    assert report["analyser_accuracy_on_training_clips"] == 1.0
+    for name in ("trained", "untrained"):
+        m = report["models"][name]
+        assert m["videos"] == 2 and len(m["per_video"]) == 2
+        for k in ("colour_accuracy", "direction_accuracy", "both_accuracy"):
+            assert 0.0 <= m[k] <= 1.0
+        assert {r["prompt"] for r in m["per_video"]} <= {c.text for c in shapes.captions("heldout")}
+    assert set(report["timings_s"]) >= {"clips", "vae", "encode", "train", "convert", "generate"}
+
+
+def get_default_vae_std():
+    from contentv_common.config import WAN21_LATENTS_STD
+
+    return WAN21_LATENTS_STD
+
+
+def test_e2e_rejects_unknown_setting(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "examples.e2e", "--quick", "--out", str(tmp_path), "--set", "steps=3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "steps=3" in proc.stderr and "dit_steps" in proc.stderr
