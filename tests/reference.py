@@ -13,7 +13,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from diffusers.models.embeddings import get_3d_sincos_pos_embed
 
-from contentv_common.config import TransformerConfig
+from contentv_common.config import TransformerConfig, VAEConfig
 
 
 class ReferenceContentV(torch.nn.Module):
@@ -62,3 +62,19 @@ def reference_transformer(cfg: TransformerConfig, seed: int = 0) -> ReferenceCon
 def reference_state_dict(ref: ReferenceContentV) -> dict[str, torch.Tensor]:
     """The diffusers state dict in the ContentV layout (no learned `pos_embed.pos_embed` table)."""
     return {k: v.detach().clone() for k, v in ref.dit.state_dict().items() if k != "pos_embed.pos_embed"}
+
+
+def reference_vae(cfg: VAEConfig, seed: int = 0, bias_std: float = 0.05):
+    """diffusers `AutoencoderKLWan` of `cfg` with every parameter random: RMS-norm gammas around 1 (not ones),
+    biases non-zero, conv weights as built (seeded)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    ref = AutoencoderKLWan.from_config(cfg.to_diffusers_config()).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(bias_std * torch.randn_like(p))
+    return ref

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import rel_err
+from reference import reference_vae
 from contentv_common.config import VAEConfig
 from contentv_common.latents import denormalize_latents, normalize_latents
 from contentv_common.weights import KeyMismatchError, iter_tensors, save_sharded
@@ -28,26 +29,10 @@ ENCODE = jax.jit(lambda p, x: WanVAE(TINY).apply(p, x, method="encode"))
 DECODE = jax.jit(lambda p, z: WanVAE(TINY).apply(p, z, method="decode"))
 
 
-def _diffusers_vae(cfg: VAEConfig, seed: int = 0):
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(seed)
-    kw = cfg.to_diffusers_config()
-    kw.pop("_class_name")
-    model = AutoencoderKLWan(**kw).eval()
-    with torch.no_grad():  # non-trivial weights: random gammas around 1, random biases, conv weights as built
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(diffusers model, its save_pretrained folder, cfg, Flax params loaded from that folder)."""
-    ref = _diffusers_vae(TINY)
+    ref = reference_vae(TINY, bias_std=0.1)
     folder = tmp_path_factory.mktemp("vae") / "vae"
     ref.save_pretrained(folder)
     cfg, params = vae_params_from_folder(folder)

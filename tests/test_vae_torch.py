@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from conftest import rel_err
+from reference import reference_vae
 from diffusers import AutoencoderKLWan
 
 from contentv_common.config import VAEConfig, get_preset
@@ -13,19 +14,6 @@ from contentv_common.weights import KeyMismatchError
 from contentv_torch.vae import WanVAE
 
 TOL = 1e-5
-
-
-def _random_reference(cfg: VAEConfig, seed: int) -> AutoencoderKLWan:
-    """diffusers model with every parameter random: gammas around 1 (not ones), biases non-zero."""
-    torch.manual_seed(seed)
-    ref = AutoencoderKLWan.from_config(cfg.to_diffusers_config()).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-    return ref
 
 
 def _video(b, f, h, w, seed=0):
@@ -41,7 +29,7 @@ def _psnr(a, b) -> float:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     cfg = get_preset("tiny").vae  # base_dim 8, 1 res block, real /8 and /4 factors
-    ref = _random_reference(cfg, seed=0)
+    ref = reference_vae(cfg, seed=0)
     folder = tmp_path_factory.mktemp("vae") / "vae"
     ref.save_pretrained(folder)
     ours = WanVAE.from_pretrained(folder)
@@ -133,7 +121,7 @@ def test_nontrivial_config_matches_diffusers(tmp_path):
     """2 res blocks, 3 levels (spatial /4), temporal /2 in the first level, z 4, base 6."""
     cfg = VAEConfig(base_dim=6, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=2, temperal_downsample=(True, False),
                     latents_mean=(0.1, -0.2, 0.3, 0.0), latents_std=(1.0, 2.0, 0.5, 1.5))
-    ref = _random_reference(cfg, seed=1)
+    ref = reference_vae(cfg, seed=1)
     ref.save_pretrained(tmp_path / "vae")
     ours = WanVAE.from_pretrained(tmp_path / "vae")
     x = _video(2, 5, 16, 24, seed=5)  # 5 = 1 + 4 frames: diffusers always chunks by 4
@@ -217,7 +205,7 @@ def test_bad_inputs_raise_clear_errors(pair, tmp_path):
     with pytest.raises(ValueError, match="attn_scales"):
         WanVAE(VAEConfig(base_dim=8, num_res_blocks=1, attn_scales=(1.0,)))
     # A folder of another size fails strictly, naming the mismatched keys.
-    _random_reference(VAEConfig(base_dim=4, num_res_blocks=1), seed=2).save_pretrained(tmp_path / "other")
+    reference_vae(VAEConfig(base_dim=4, num_res_blocks=1), seed=2).save_pretrained(tmp_path / "other")
     cfg_file = tmp_path / "other" / "config.json"
     cfg_file.write_text(cfg_file.read_text().replace('"base_dim": 4', '"base_dim": 8'))
     with pytest.raises(KeyMismatchError, match="encoder.conv_in.weight"):
