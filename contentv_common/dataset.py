@@ -521,6 +521,16 @@ class ShardedLatentSource:
         and records replaced in served batches after a failed checksum, so far (this process)."""
         return {"data_unreadable_records": self.ds.skipped_records, "data_corrupt_records": self.corrupt_records}
 
+    def null_text(self) -> tuple[np.ndarray, np.ndarray]:
+        """The empty prompt's (context [L, J], pooled [P]) float32 from negative.safetensors (caption dropout);
+        raises naming the dataset if it has none."""
+        neg = self.ds.negative_prompt()
+        if neg is None:
+            raise ValueError(f"dataset {self.ds.path}: no negative (empty prompt) embeddings in its manifest, which "
+                             f"caption dropout needs; re-encode it with contentv_torch.encode_dataset or set "
+                             f"flow.caption_dropout=0")
+        return neg
+
     def eval_prompts(self, n: int) -> dict:
         """The trainer's evaluation prompts: the first n readable records' captions ("names") and embeddings
         (context [n, L, J], pooled [n, P]); negatives = the stored empty prompt, or zeros if the dataset has none."""

@@ -10,6 +10,7 @@ A batch source is anything with this small interface (`BatchSource`):
   restore(state)      - continue from that position: next() then yields exactly what it would have.
 Optional: eval_prompts(n) -> {"names", "context" [n,L,J], "pooled" [n,P], "neg_context", "neg_pooled"}
   (numpy), the fixed prompts of the trainer's evaluation samples.
+Optional: null_text() -> (context [L,J], pooled [P]) of the empty prompt (needed by flow.caption_dropout > 0)
 Global batch = the rows of all processes, in process order (`jax.make_array_from_process_local_data`).
 An on-disk dataset implements the same four members.
 """
@@ -52,6 +53,10 @@ def buckets_from_config(items) -> list[Bucket]:
 
 class BatchSource(Protocol):
     buckets: Sequence[Bucket]
+
+    def null_text(self) -> tuple[np.ndarray, np.ndarray]:
+        """The empty prompt's (context [L, J], pooled [P]) for caption dropout: all zeros, as eval_prompts' negative."""
+        return np.zeros_like(self.context[0]), np.zeros_like(self.pooled[0])
 
     def next(self) -> dict[str, np.ndarray]: ...
 

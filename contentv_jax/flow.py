@@ -9,6 +9,9 @@ Timestep sampling (`cfg` is the `flow` section of a train config, contentv_jax.c
   shift_mode: "fixed" (s' = shift(s, cfg.shift)) or "tokens" (shift k = exp(mu), mu linear in the
               video token count, contentv_common.schedule.token_dependent_shift) or "none";
   loss_weighting: "none", "cosmap" (SD3's 2 / (pi (1 - 2s + 2s^2))) or "sigma_sqrt" (1 / s^2, clipped).
+Caption dropout (`drop_captions`, the trainer's `flow.caption_dropout`): each sample's text embeddings are
+  replaced by the empty prompt's with probability p, so the model also learns the unconditional velocity that
+  classifier-free guidance needs.
 """
 from __future__ import annotations
 
@@ -69,6 +72,19 @@ def interpolate(x0: jax.Array, eps: jax.Array, s: jax.Array) -> tuple[jax.Array,
     """x0, eps: [B, T, h, w, C], s: [B] -> (x_s, v): x_s = (1 - s) x0 + s eps, v = eps - x0."""
     sb = s.reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
     return (1.0 - sb) * x0 + sb * eps, eps - x0
+
+
+def drop_captions(batch: dict, rng: jax.Array, p: float, null_context: jax.Array, null_pooled: jax.Array) -> dict:
+    """Caption dropout: batch (context [B, L, J], pooled [B, P], anything else passed through) -> the batch with
+    each sample's context and pooled replaced, with probability p (one draw per sample from `rng`), by the empty
+    prompt's null_context [L, J] / null_pooled [P]. p <= 0 returns the batch unchanged (no draw)."""
+    if p <= 0:
+        return batch
+    b = batch["context"].shape[0]
+    drop = jax.random.uniform(rng, (b,), jnp.float32) < p  # [B]
+    context = jnp.where(drop[:, None, None], jnp.asarray(null_context, batch["context"].dtype)[None], batch["context"])
+    pooled = jnp.where(drop[:, None], jnp.asarray(null_pooled, batch["pooled"].dtype)[None], batch["pooled"])
+    return {**batch, "context": context, "pooled": pooled}
 
 
 def flow_matching_loss(

@@ -31,7 +31,7 @@ from contentv_jax import configs as configs_lib
 from contentv_jax import sharding as shd
 from contentv_jax.checkpoint import Checkpointer, is_checkpoint_dir
 from contentv_jax.data import BATCH_KEYS, BATCH_NDIMS, BatchSource, make_source
-from contentv_jax.flow import flow_matching_loss
+from contentv_jax.flow import drop_captions, flow_matching_loss
 from contentv_jax.metrics import MetricsWriter, peak_flops, train_step_flops
 from contentv_jax.optim import apply_update, lr_schedule, make_optimizer
 from contentv_jax.sampler import EvalSampler
@@ -116,10 +116,12 @@ def abstract_with_shardings(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def make_train_step(model, tx, config, patch_size: int) -> Callable:
+def make_train_step(model, tx, config, patch_size: int, null_text: tuple | None = None) -> Callable:
     """The pure train step: (state, batch) -> (state, metrics).
 
     batch: latents [B, T, h, w, C], context [B, L, J], pooled [B, P] (one bucket shape).
+    null_text: the empty prompt's (context [L, J], pooled [P]); with `flow.caption_dropout` p > 0 each sample's
+    text is replaced by it with probability p, drawn from the step key (fold_in(rng, step)): exactly resumable.
     Gradients are averaged over `optim.grad_accum` strided micro-batches (rows i*k + j form micro-batch
     j, so each stays spread over the batch shards). A non-finite loss or gradient skips the update
     (params, optimizer state and EMA keep their values) and is counted. metrics (flat, fp32 scalars):
@@ -127,6 +129,12 @@ def make_train_step(model, tx, config, patch_size: int) -> Callable:
     """
     k = int(config.optim.grad_accum)
     schedule = lr_schedule(config.optim, config.steps)
+    p_drop = float(config.flow.get("caption_dropout", 0.0))
+    if not 0.0 <= p_drop <= 1.0:
+        raise ValueError(f"flow.caption_dropout={p_drop}: expected a probability in [0, 1]")
+    if p_drop > 0 and null_text is None:
+        raise ValueError(f"flow.caption_dropout={p_drop} needs the empty prompt's embeddings (null_text)")
+    null_context, null_pooled = (np.asarray(x, np.float32) for x in null_text) if p_drop > 0 else (None, None)
 
     def apply_fn(params, x, t, c, p):
         return model.apply({"params": params}, x, t, c, p)
@@ -139,6 +147,8 @@ def make_train_step(model, tx, config, patch_size: int) -> Callable:
         b = batch["latents"].shape[0]
         if b % k:
             raise ValueError(f"batch {b} does not divide into optim.grad_accum={k} micro-batches")
+        # Its own key (the micro-batches use fold_in(rng, j) for j < k); p = 0 draws nothing.
+        batch = drop_captions(batch, jax.random.fold_in(rng, 1 << 30), p_drop, null_context, null_pooled)
 
         def micro(j):  # [B, ...] -> rows j, j+k, ... : [B/k, ...]
             return {n: shd.constrain(x.reshape(b // k, k, *x.shape[1:])[:, j], ("batch",) + (None,) * (x.ndim - 1))
@@ -330,8 +340,15 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
             evaluator = EvalSampler(model, preset, config.eval, source.eval_prompts(config.eval.num_prompts),
                                     out_dir / "samples", config.seed)
 
-    steps_cache = StepCache(make_train_step(model, tx, config, preset.transformer.patch_size), state_shardings, mesh,
-                            rules, compiler_options)
+    null_text = None
+    if config.flow.get("caption_dropout", 0.0) > 0:
+        if not hasattr(source, "null_text"):
+            raise ValueError(f"flow.caption_dropout={config.flow.caption_dropout}: the batch source "
+                             f"{type(source).__name__} has no null_text() (the empty prompt's embeddings)")
+        null_text = source.null_text()
+        log(f"caption dropout {config.flow.caption_dropout}: those samples train on the empty prompt's embeddings")
+    steps_cache = StepCache(make_train_step(model, tx, config, preset.transformer.patch_size, null_text),
+                            state_shardings, mesh, rules, compiler_options)
     peak = peak_flops(jax.devices()[0].device_kind, config.peak_tflops_per_device) * jax.device_count()
     text_tokens = preset.text.context_tokens
     sigterm = _Sigterm()

@@ -237,3 +237,23 @@ def test_corrupt_shard_and_record_are_named(data, tmp_path):
     (flip / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(CorruptDataError, match="manifest.json"):
         LatentDataset(flip)
+
+
+def test_null_text_is_the_stored_negative_prompt(data, tmp_path):
+    """Caption dropout's empty prompt: negative.safetensors when the manifest names it, else a clear error."""
+    import shutil
+
+    from contentv_common.dataset import write_manifest, write_negative
+
+    path, _ = data
+    with pytest.raises(ValueError, match="negative.*caption_dropout"):
+        _source(path).null_text()
+    copy = shutil.copytree(path, tmp_path / "with_negative")
+    t = TINY.text
+    ctx = np.random.default_rng(3).standard_normal((t.context_tokens, t.t5_hidden)).astype(np.float32)
+    pooled = np.linspace(-1, 1, t.pooled_dim, dtype=np.float32)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    write_manifest(copy, {**manifest, "negative": write_negative(copy, ctx, pooled)})
+    c, p = _source(copy).null_text()
+    np.testing.assert_array_equal(c, ctx)
+    np.testing.assert_array_equal(p, pooled)

@@ -200,3 +200,61 @@ def test_gradient_accumulation_is_the_mean_over_strided_micro_batches():
     np.testing.assert_allclose(metrics["loss"], np.mean(losses), rtol=1e-6)
     mean_grads = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
     np.testing.assert_allclose(metrics["grad_norm"], optim.tree_norm(mean_grads), rtol=1e-5)
+
+
+def test_caption_dropout_replaces_whole_rows_by_the_empty_prompt():
+    """flow.drop_captions: p=0 changes nothing, p=1 every row, p=0.5 some rows, each all-or-nothing."""
+    batch = _batch(b=64)
+    null_c = np.full(batch["context"].shape[1:], 7.0, np.float32)
+    null_p = np.full(batch["pooled"].shape[1:], -3.0, np.float32)
+    key = jax.random.PRNGKey(11)
+    same = flow.drop_captions(batch, key, 0.0, null_c, null_p)
+    assert same is batch
+    allrows = flow.drop_captions(batch, key, 1.0, null_c, null_p)
+    np.testing.assert_array_equal(allrows["context"], np.broadcast_to(null_c, batch["context"].shape))
+    np.testing.assert_array_equal(allrows["pooled"], np.broadcast_to(null_p, batch["pooled"].shape))
+    np.testing.assert_array_equal(allrows["latents"], batch["latents"])
+    half = flow.drop_captions(batch, key, 0.5, null_c, null_p)
+    dropped = np.array([np.array_equal(half["context"][i], null_c) for i in range(64)])
+    kept = np.array([np.array_equal(half["context"][i], batch["context"][i]) for i in range(64)])
+    assert (dropped ^ kept).all() and 16 < dropped.sum() < 48  # every row is one or the other
+    for i in range(64):  # pooled goes with its row's context
+        np.testing.assert_array_equal(half["pooled"][i], null_p if dropped[i] else batch["pooled"][i])
+
+
+def test_train_step_caption_dropout_uses_the_step_key():
+    """make_train_step with flow.caption_dropout: p=0 is the old step exactly; p=1 equals a step on an all-empty-prompt
+    batch; the draw depends only on (rng, step), so a resumed run redraws the same rows."""
+    import flax.linen as nn
+
+    from contentv_jax.train import TrainState, make_train_step
+
+    class Toy(nn.Module):
+        @nn.compact
+        def __call__(self, x, t, c, p):
+            return nn.Dense(x.shape[-1])(x) + jnp.mean(c, axis=(1, 2))[:, None, None, None, None] + jnp.mean(p)
+
+    batch = _batch(b=4)
+    null = (np.full(batch["context"].shape[1:], 0.5, np.float32), np.full(batch["pooled"].shape[1:], 0.25, np.float32))
+    toy = Toy()
+    params = toy.init(jax.random.PRNGKey(0), batch["latents"], jnp.ones(4), batch["context"], batch["pooled"])["params"]
+
+    def loss_with(p_drop, b, null_text=None):
+        config = configs.get_config("tiny")
+        assert config.flow.caption_dropout == 0.0  # the tiny default: its runs are unchanged
+        config.flow.caption_dropout = p_drop
+        tx = optim.make_optimizer(config.optim, 10)
+        state = TrainState(step=jnp.array(3, jnp.int32), params=params, opt_state=tx.init(params), ema_params=params,
+                           rng=jax.random.PRNGKey(5), nonfinite=jnp.array(0, jnp.int32), skipped=jnp.array(0, jnp.int32))
+        return float(jax.jit(make_train_step(toy, tx, config, 2, null_text))(state, b)[1]["loss"])
+
+    empty = {**batch, "context": np.broadcast_to(null[0], batch["context"].shape), "pooled": np.broadcast_to(null[1], batch["pooled"].shape)}
+    base = loss_with(0.0, batch)
+    assert loss_with(0.0, batch, null) == base
+    assert loss_with(1.0, batch, null) == loss_with(0.0, empty) != base
+    assert loss_with(0.5, batch, null) == loss_with(0.5, batch, null)  # same (rng, step): same rows
+    with pytest.raises(ValueError, match="null_text"):
+        loss_with(0.1, batch)
+    with pytest.raises(ValueError, match="caption_dropout"):
+        loss_with(1.5, batch, null)
+    assert configs.get_config("small").flow.caption_dropout == 0.1
