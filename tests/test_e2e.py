@@ -65,27 +65,30 @@ def test_e2e_quick(tmp_path):
     manifest = json.loads((out / "dataset" / "manifest.json").read_text())
     assert json.dumps(manifest).count("9x32x48") >= 1
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()][-1] == 2
+    assert "caption dropout 0.1" in proc.stdout + proc.stderr  # the trainer learns the unconditional model CFG needs
     info = read_model_info(out / "ContentV-shapes-trained")
     assert info.preset.name == "tiny"
     ContentVTransformer3DModel.from_pretrained(out / "ContentV-shapes-trained" / "transformer")
-    # 6. samples and contact sheets: rows = prompts, columns = frames
+    # 6. samples and contact sheets: rows = prompts (2 held-out + 1 seen), columns = frames
     for name in ("trained", "untrained"):
         videos = sorted((out / "samples" / name).glob("*.mp4"))
-        assert len(videos) == 2, videos
+        assert [v.name.split("-")[1] for v in videos] == ["heldout", "heldout", "seen"], videos
         for v in videos:
             assert read_mp4(v)[0].shape == (9, 32, 48, 3)
     for sheet in ("contact_sheet.png", "contact_sheet_untrained.png"):
         with Image.open(out / sheet) as im:
-            assert im.size == (9 * (48 + 2) + 2, 2 * (32 + 2) + 2) and im.mode == "RGB"
+            assert im.size == (9 * (48 + 2) + 2, 3 * (32 + 2) + 2) and im.mode == "RGB"
     # 7. the report
     report = json.loads((out / "report.json").read_text())
-    assert report["analyser_accuracy_on_training_clips"] == 1.0
+    assert report["analyser_accuracy_on_training_clips"] == 1.0 and report["settings"]["guidance"] == 2.0
+    held, seen = {c.text for c in shapes.captions("heldout")}, {c.text for c in shapes.captions("train")}
     for name in ("trained", "untrained"):
         m = report["models"][name]
-        assert m["videos"] == 2 and len(m["per_video"]) == 2
+        assert m["videos"] == 2 and m["seen"]["videos"] == 1 and len(m["per_video"]) == 3
         for k in ("colour_accuracy", "direction_accuracy", "both_accuracy"):
-            assert 0.0 <= m[k] <= 1.0
-        assert {r["prompt"] for r in m["per_video"]} <= {c.text for c in shapes.captions("heldout")}
+            assert 0.0 <= m[k] <= 1.0 and 0.0 <= m["seen"][k] <= 1.0
+        assert [r["prompt"] in held for r in m["per_video"]] == [True, True, False]
+        assert m["per_video"][2]["prompt"] in seen
     assert set(report["timings_s"]) >= {"clips", "vae", "encode", "train", "convert", "generate"}
 
 
