@@ -54,10 +54,6 @@ def buckets_from_config(items) -> list[Bucket]:
 class BatchSource(Protocol):
     buckets: Sequence[Bucket]
 
-    def null_text(self) -> tuple[np.ndarray, np.ndarray]:
-        """The empty prompt's (context [L, J], pooled [P]) for caption dropout: all zeros, as eval_prompts' negative."""
-        return np.zeros_like(self.context[0]), np.zeros_like(self.pooled[0])
-
     def next(self) -> dict[str, np.ndarray]: ...
 
     def state(self) -> dict: ...
@@ -127,11 +123,16 @@ class SyntheticCaptionedSource:
         latents = np.stack([self.pattern(i, shape) for i in ids]) + 0.1 * noise  # [B_local, T, h, w, C]
         return {"latents": latents, "context": self.context[ids], "pooled": self.pooled[ids]}
 
+    def null_text(self) -> tuple[np.ndarray, np.ndarray]:
+        """The empty prompt's (context [L, J], pooled [P]) of this set: all zeros (caption dropout, CFG negative)."""
+        return np.zeros_like(self.context[0]), np.zeros_like(self.pooled[0])
+
     def eval_prompts(self, n: int) -> dict:
-        """The first n captions' embeddings; the negative prompt is all-zero embeddings."""
+        """The first n captions' embeddings; the negative prompt is the empty prompt's (`null_text`)."""
         n = min(n, len(self.captions))
+        neg_context, neg_pooled = self.null_text()
         return {"names": self.captions[:n], "context": self.context[:n], "pooled": self.pooled[:n],
-                "neg_context": np.zeros_like(self.context[:n]), "neg_pooled": np.zeros_like(self.pooled[:n])}
+                "neg_context": np.repeat(neg_context[None], n, 0), "neg_pooled": np.repeat(neg_pooled[None], n, 0)}
 
     def next(self) -> dict[str, np.ndarray]:
         batch = self.batch_at(self._index)

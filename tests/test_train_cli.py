@@ -31,9 +31,10 @@ def test_joint_buckets_metrics_tensorboard_and_eval_samples(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     rc = T.main(["--config", "tiny/joint", "--steps", "6", "--log-every", "1", "--mesh", "data=2,fsdp=-1",
                  "--metrics-file", str(metrics), "--checkpoint-dir", str(ckpt), "--fast-compile", "--set", "eval.every=6", "--set", "eval.num_steps=2",
-                 "--set", "eval.frames=1", "--set", "eval.num_prompts=2"])
+                 "--set", "eval.frames=1", "--set", "eval.num_prompts=2", "--set", "flow.caption_dropout=0.1"])
     out = capsys.readouterr().out
     assert rc == 0, out
+    assert "caption dropout 0.1" in out  # the synthetic set's empty prompt (null_text) stands in for dropped captions
     # two bucket shapes (video T=3 batch 8, image T=1 batch 16) alternate A B A B B B: exactly two compiles
     assert out.count("compiled the step for bucket") == 2 and "2 compiled step(s)" in out, out
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
