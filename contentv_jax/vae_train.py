@@ -11,16 +11,13 @@
     latent_stats(config, params, videos [N, F, H, W, 3], batch) -> (mean [z], std [z]) of the posterior means:
         the per-channel `latents_mean` / `latents_std` a trained VAE's config needs, so that normalised latents
         ((z - mean) / std) are about unit variance for the DiT.
-    save_flax_folder(config, params, folder) -> folder: our JAX weight format (config.json tagged "flax" +
-        flax_params.safetensors, see convert/formats.py); `python -m convert --to torch folder vae/` makes the
-        diffusers `vae/` of a ContentV folder from it.
+The trained params are written in our JAX format with `convert.formats.save_flax_params(config, params, folder)`;
+`python -m convert --to torch folder vae/` makes the diffusers `vae/` of a ContentV folder from it.
 Used by examples/e2e.py, which trains a tiny Wan VAE on synthetic clips on a CPU.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -97,18 +94,3 @@ def with_latent_stats(config: VAEConfig, mean, std) -> VAEConfig:
     """The config with `latents_mean` / `latents_std` replaced (z floats each)."""
     mean, std = [float(v) for v in np.ravel(mean)], [float(v) for v in np.ravel(std)]
     return dataclasses.replace(config, latents_mean=tuple(mean), latents_std=tuple(std))
-
-
-def save_flax_folder(config: VAEConfig, params, folder: str | Path, overwrite: bool = False) -> Path:
-    """Write `params` (the WanVAE params tree) in our JAX weight format at `folder`, atomically."""
-    from safetensors.numpy import save_file
-
-    from contentv_common.weights import CONFIG_NAME, atomic_dir
-    from convert.formats import FLAX_FORMAT_TAG, FLAX_WEIGHTS_NAME
-    from convert.keymap import flatten
-
-    flat = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flatten(params).items()}
-    with atomic_dir(folder, overwrite=overwrite) as root:
-        save_file(flat, str(root / FLAX_WEIGHTS_NAME))
-        (root / CONFIG_NAME).write_text(json.dumps({**config.to_diffusers_config(), FLAX_FORMAT_TAG: "flax"}, indent=2))
-    return Path(folder)

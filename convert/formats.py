@@ -646,9 +646,27 @@ def write_torch(src: Source, folder: Path, dtype: str | None = None, max_shard_b
 def write_flax(src: Source, folder: Path, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
     """The source as our JAX format (config.json + flax_params*.safetensors) inside `folder`."""
     check_source(src)
-    write_safetensors(folder, plan_flax(src, dtype), FLAX_WEIGHTS_NAME, FLAX_INDEX_NAME, max_shard_bytes,
-                      desc=f"{src.component} -> jax")
-    (folder / CONFIG_NAME).write_text(json.dumps({**torch_config(src), FLAX_FORMAT_TAG: "flax"}, indent=2))
+    _write_flax_folder(folder, plan_flax(src, dtype), torch_config(src), max_shard_bytes, f"{src.component} -> jax")
+
+
+def save_flax_params(config: TransformerConfig | VAEConfig, params, folder: str | Path, overwrite: bool = False,
+                     max_shard_bytes: int = 5 * 2**30) -> Path:
+    """An in-memory Flax params tree (numpy / jax arrays) of a model of `config` as our JAX format at `folder`,
+    atomically: what `python -m convert` reads back (`load_params`, `--to torch`)."""
+    from contentv_common.weights import atomic_dir
+    from convert.keymap import flatten
+
+    leaves = {k: np.asarray(v) for k, v in flatten(params).items()}
+    planned = [Planned(k, v.shape, v.dtype, (lambda v=v: iter([v]))) for k, v in sorted(leaves.items())]
+    with atomic_dir(folder, overwrite=overwrite) as root:
+        _write_flax_folder(root, planned, config.to_diffusers_config(), max_shard_bytes, "params -> jax")
+    return Path(folder)
+
+
+def _write_flax_folder(folder: Path, planned: list[Planned], config: Mapping[str, Any], max_shard_bytes: int,
+                       desc: str) -> None:
+    write_safetensors(folder, planned, FLAX_WEIGHTS_NAME, FLAX_INDEX_NAME, max_shard_bytes, desc=desc)
+    (folder / CONFIG_NAME).write_text(json.dumps({**config, FLAX_FORMAT_TAG: "flax"}, indent=2))
 
 
 def iter_params(path: str | Path, fmt: str | None = None, dtype: str | None = None,

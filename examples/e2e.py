@@ -147,14 +147,10 @@ def train_vae(out: Path, clips: Path, s: Settings, seed: int, fast_compile: bool
     """Train the tiny Wan VAE on the clips; write vae_flax/ and the ContentV folder ContentV-shapes/ (random tiny
     text encoders + MM-DiT, the trained VAE converted by `convert`). Returns the folder."""
     from contentv_common.config import get_preset
-    from contentv_jax.vae_train import (
-        VAETrainer,
-        latent_stats,
-        save_flax_folder,
-        with_latent_stats,
-    )
+    from contentv_jax.vae_train import VAETrainer, latent_stats, with_latent_stats
     from contentv_torch.tiny import make_tiny_contentv_folder
     from convert.export import convert
+    from convert.formats import save_flax_params
 
     t0 = time.time()
     videos = read_clips(clips)
@@ -172,7 +168,7 @@ def train_vae(out: Path, clips: Path, s: Settings, seed: int, fast_compile: bool
         bar.set_postfix(recon=f"{m['recon']:.4f}", kl=f"{m['kl']:.1f}")
     mean, std = latent_stats(cfg, trainer.params, videos)
     cfg = with_latent_stats(cfg, mean, std)
-    save_flax_folder(cfg, trainer.params, out / "vae_flax", overwrite=True)
+    save_flax_params(cfg, trainer.params, out / "vae_flax", overwrite=True)
     folder = out / "ContentV-shapes"
     make_tiny_contentv_folder(folder, PRESET, seed=seed, words=shapes.WORDS)
     convert(out / "vae_flax", folder / "vae", "torch", overwrite=True)  # replaces the random vae/ (atomically)
@@ -334,15 +330,12 @@ def vae_roundtrip_accuracy(vae_flax: Path, clips: Path, lines: list[dict]) -> fl
     mean, clamped, to uint8) the analyser scores right on colour and direction."""
     import jax
     import jax.numpy as jnp
-    from safetensors.numpy import load_file
-
-    from contentv_common.config import get_preset
     from contentv_jax.vae import WanVAE
-    from convert.formats import FLAX_WEIGHTS_NAME
-    from convert.keymap import unflatten
     from contentv_torch.video_io import read_mp4
+    from convert.formats import load_params
 
-    model, params = WanVAE(get_preset(PRESET).vae), unflatten(load_file(str(vae_flax / FLAX_WEIGHTS_NAME)))
+    cfg, params = load_params(vae_flax)
+    model = WanVAE(cfg)
     roundtrip = jax.jit(lambda p, v: model.apply({"params": p}, model.apply({"params": p}, v, method="encode")[0],
                                                  method="decode"))
     by_text, hits = {c.text: c for c in shapes.captions()}, []
