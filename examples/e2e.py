@@ -186,8 +186,8 @@ def encode(out: Path, clips: Path, folder: Path) -> Path:
           str(clips / "captions.jsonl"), "--output", str(data), "--buckets", f"{FRAMES}x{HEIGHT}x{WIDTH}",
           "--fps", str(FPS), "--batch-size", "16", "--device", "cpu", "--overwrite"], "3/7 encode", out / "encode.log")
     manifest = json.loads((data / "manifest.json").read_text())
-    n = sum(manifest.get("counts", {}).values()) if isinstance(manifest.get("counts"), dict) else None
-    _summary("3/7 encode", f"latent dataset -> {data}" + (f" ({n} clips)" if n is not None else ""), t0)
+    _summary("3/7 encode", f"latent dataset -> {data} ({len(manifest['records'])} clips, "
+             f"{len(manifest['skipped'])} skipped)", t0)
     return data
 
 
@@ -291,6 +291,10 @@ def check(out: Path, done: dict, clips: Path, settings: Settings, timings: dict)
               "analyser_accuracy_on_training_clips": float(np.mean(real)),
               "analyser_accuracy_on_vae_roundtrips": vae_roundtrip_accuracy(out / "vae_flax", clips, lines[::6]),
               "models": {}}
+    def accuracies(rows):
+        return {f"{k}_accuracy": float(np.mean([r[k] for r in rows])) if rows else None
+                for k in ("colour", "direction", "both")}
+
     for name, rows in done.items():
         per = []
         for cap, paths in rows:
@@ -299,10 +303,6 @@ def check(out: Path, done: dict, clips: Path, settings: Settings, timings: dict)
                 per.append({"prompt": cap.text, "video": str(p.relative_to(out)), "colour": a.colour,
                             "direction": a.direction, "shift": a.shift, "foreground": a.foreground,
                             **shapes.score(cap, a)})
-        def accuracies(rows):
-            return {f"{k}_accuracy": float(np.mean([r[k] for r in rows])) if rows else None
-                    for k in ("colour", "direction", "both")}
-
         held = [r for r in per if by_text[r["prompt"]].heldout]
         seen = [r for r in per if not by_text[r["prompt"]].heldout]
         report["models"][name] = {  # the top-level accuracies are the held-out prompts'
@@ -330,6 +330,7 @@ def vae_roundtrip_accuracy(vae_flax: Path, clips: Path, lines: list[dict]) -> fl
     mean, clamped, to uint8) the analyser scores right on colour and direction."""
     import jax
     import jax.numpy as jnp
+    from contentv_jax.sampler import to_uint8
     from contentv_jax.vae import WanVAE
     from contentv_torch.video_io import read_mp4
     from convert.formats import load_params
@@ -341,8 +342,7 @@ def vae_roundtrip_accuracy(vae_flax: Path, clips: Path, lines: list[dict]) -> fl
     by_text, hits = {c.text: c for c in shapes.captions()}, []
     for x in lines:
         video = read_mp4(clips / x["file"])[0].astype(np.float32)[None] / 127.5 - 1.0  # [1, F, H, W, 3]
-        rec = np.asarray(roundtrip(params, jnp.asarray(video)))[0]
-        frames = np.clip((rec + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+        frames = to_uint8(roundtrip(params, jnp.asarray(video)))[0]
         hits.append(shapes.score(by_text[x["caption"]], shapes.analyse(frames))["both"])
     return float(np.mean(hits))
 
