@@ -22,6 +22,17 @@ REPO = Path(__file__).resolve().parents[1]
 GiB = float(1 << 30)
 
 
+# ------------------------------------------------------------------------------------------- parity
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in float64 (arrays or tensors on the CPU): the project's parity measure."""
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"rel_err: shape mismatch {a.shape} vs {b.shape}")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
 # ------------------------------------------------------------------------------------------- timing
 def time_fn(fn: Callable[[], Any], sync: Callable[[Any], Any] = lambda r: r, warmup: int = 1, repeats: int = 3,
             min_time: float = 0.0) -> dict:

@@ -33,17 +33,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before JAX lo
 
 import numpy as np
 
-from benchmarks.common import load_reference_module, machine_info, markdown_table, write_json, write_text
+from benchmarks.common import load_reference_module, machine_info, markdown_table, rel_err, write_json, write_text
 from benchmarks.speed import Case, ModelSize, jax_train_step, make_inputs, model_sizes, torch_train_step
 from contentv_common.config import PRESETS, TransformerConfig
 
 NOMINAL_BF16_PEAK = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
 TOL = {"bfloat16": 2e-2, "float32": 1e-5}
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def jax_on_gpu() -> bool:
@@ -157,7 +152,7 @@ def part_parity(b: Bench) -> None:
             ours = ours.to(dev, dt)
             got = ours(**t_in)  # inputs are cast to the parameters' dtype inside; the output comes back fp32
             name = str(dt).split(".")[-1]
-            err = _rel(got.float().cpu().numpy(), want)
+            err = rel_err(got.float().cpu().numpy(), want)
             b.add("parity", f"torch {name} vs reference fp32", f"{err:.2e}", "rel_err",
                   "PASS" if err <= TOL[name] else f"FAIL (tol {TOL[name]:.0e})")
             del ours
@@ -176,7 +171,7 @@ def part_parity(b: Bench) -> None:
     model = ContentVTransformer(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl="auto")
     out = jax.jit(model.apply)({"params": params}, inp["hidden_states"].transpose(0, 2, 3, 4, 1), inp["timestep"],
                                inp["encoder_hidden_states"], inp["pooled_projections"])
-    err = _rel(np.asarray(out.astype(jnp.float32)).transpose(0, 4, 1, 2, 3), want)
+    err = rel_err(np.asarray(out.astype(jnp.float32)).transpose(0, 4, 1, 2, 3), want)
     b.add("parity", "jax bf16 vs reference fp32", f"{err:.2e}", "rel_err",
           "PASS" if err <= TOL["bfloat16"] else f"FAIL (tol {TOL['bfloat16']:.0e})")
 

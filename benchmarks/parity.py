@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import rel_err
 from contentv_common.config import read_json
 from contentv_common.weights import CONFIG_NAME, atomic_file
 
@@ -41,12 +42,6 @@ from contentv_common.weights import CONFIG_NAME, atomic_file
 TOLERANCES = {"float32": 1e-4, "bfloat16": 2e-2}
 # In reduced precision JAX may be this much further from fp32 than PyTorch is, where PyTorch exceeds the tolerance.
 BF16_FLOOR_FACTOR = 1.5
-
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    """||a - b|| / ||b|| in float64."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 @dataclass

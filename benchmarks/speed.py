@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks.common import (RSSPeak, jax_matmul_peak, load_reference_module, machine_info, markdown_table,
-                               torch_matmul_peak, write_json)
+                               rel_err, torch_matmul_peak, write_json)
 from contentv_common.config import PRESETS, TextConfig, TransformerConfig
 
 
@@ -367,8 +367,7 @@ def bench_sampling(case: Case, steps: int, repeats: int, seed: int = 0, guidance
     ref = outs.get("reference")
     for r in rows:
         if r["impl"] in outs and ref is not None:
-            a, b = outs[r["impl"]].astype(np.float64), ref.astype(np.float64)
-            r["rel_err_vs_reference"] = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+            r["rel_err_vs_reference"] = rel_err(outs[r["impl"]], ref)
             r["time_vs_reference"] = r["s_per_step"] / next(x["s_per_step"] for x in rows if x["impl"] == "reference")
     return rows
 

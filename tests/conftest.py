@@ -6,13 +6,4 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-
-def rel_err(a, b) -> float:
-    """||a - b|| / ||b|| in float64: the project's parity measure."""
-    import numpy as np
-
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise AssertionError(f"shape mismatch {a.shape} vs {b.shape}")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+from benchmarks.common import rel_err  # noqa: E402,F401  (the project's parity measure, re-exported for the tests)
