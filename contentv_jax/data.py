@@ -23,6 +23,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from contentv_common.config import ModelPreset
+from contentv_common.dataset import ON_CORRUPT, ShardedLatentSource
 
 BATCH_NDIMS = {"latents": 5, "context": 3, "pooled": 2}  # array name -> rank; the batch axis is first
 BATCH_KEYS = tuple(BATCH_NDIMS)
@@ -152,7 +153,7 @@ def make_source(config, preset: ModelPreset, process_index: int = 0, process_cou
     """The batch source named by `config.data.name`: 'synthetic', or a dataset folder (contentv_common.dataset)."""
     buckets = buckets_from_config(config.data.buckets)
     on_corrupt = config.data.get("on_corrupt", "error")
-    if on_corrupt not in ("error", "skip"):
+    if on_corrupt not in ON_CORRUPT:
         raise ValueError(f"data.on_corrupt={on_corrupt!r}: use 'error' (a corrupt shard or record stops the run, "
                          f"naming it) or 'skip' (logged with its file and record, counted in the metrics)")
     if config.data.name == "synthetic":
@@ -161,8 +162,6 @@ def make_source(config, preset: ModelPreset, process_index: int = 0, process_cou
             process_index, process_count,
         )
     if os.path.isdir(config.data.name):  # a dataset folder of contentv_torch.encode_dataset
-        from contentv_common.dataset import ShardedLatentSource
-
         return ShardedLatentSource(config.data.name, preset, buckets, seed=config.seed, process_index=process_index,
                                    process_count=process_count, image_ratio=config.data.get("image_ratio"),
                                    tokens_per_step=config.data.get("tokens_per_step"),

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from contentv_common.config import ModelPreset, get_preset
+from contentv_common.dataset import ON_CORRUPT
 from contentv_jax import configs as configs_lib
 from contentv_jax import sharding as shd
 from contentv_jax.checkpoint import Checkpointer, is_checkpoint_dir
@@ -438,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, help="initial params (ignored when resuming): an earlier stage's "
                    "--checkpoint-dir, or any transformer format `python -m convert` reads: a ContentV / SD3.5 model "
                    "folder or its transformer/ folder, our JAX-format folder, sd3.5_large.safetensors")
-    p.add_argument("--on-corrupt", choices=("error", "skip"), default=None, help="a corrupt / unreadable dataset "
+    p.add_argument("--on-corrupt", choices=ON_CORRUPT, default=None, help="a corrupt / unreadable dataset "
                    "shard or record: error (stop, naming it) or skip (log it, count it in the metrics); default: "
                    "the config's data.on_corrupt, error")
     p.add_argument("--log-every", type=int, default=None, help="log (and write metrics) every N steps")
