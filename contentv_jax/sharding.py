@@ -8,6 +8,8 @@ sharded), tensor (heads / mlp split), context (token sequence split of the joint
 """
 from __future__ import annotations
 
+import warnings
+
 import flax.linen as nn
 import jax
 
@@ -146,7 +148,7 @@ def _fit_spec(spec: jax.sharding.PartitionSpec, shape, mesh: jax.sharding.Mesh, 
     names = tuple(names) + (None,) * (ndim - len(names))
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (ndim - len(spec))):
-        out.append(axes if _axes_size(axes, mesh) == 1 or dim % _axes_size(axes, mesh) == 0 else None)
+        out.append(axes if dim % _axes_size(axes, mesh) == 0 else None)
     used = {a for axes in out for a in (axes if isinstance(axes, tuple) else (axes,)) if a is not None}
     for axis in RELOCATABLE_MESH_AXES:
         n = mesh.shape.get(axis, 1)
@@ -224,8 +226,6 @@ def replicated_report(abstract_tree, shardings, min_elements: int = 1 << 20) -> 
 
 def warn_replicated(abstract_tree, shardings, what: str = "state", min_elements: int = 1 << 20) -> list:
     """Warn (RuntimeWarning, listing them) about the large replicated leaves of `replicated_report`."""
-    import warnings
-
     rep = replicated_report(abstract_tree, shardings, min_elements)
     if rep:
         gib = sum(b for _, _, b in rep) / 2**30
