@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import rel_err
+from contentv_common.cli import add_debug_flag, nonneg_int, output_file, run_cli
 from contentv_common.config import read_json
 from contentv_common.weights import CONFIG_NAME, atomic_file
 
@@ -42,6 +43,7 @@ from contentv_common.weights import CONFIG_NAME, atomic_file
 TOLERANCES = {"float32": 1e-4, "bfloat16": 2e-2}
 # In reduced precision JAX may be this much further from fp32 than PyTorch is, where PyTorch exceeds the tolerance.
 BF16_FLOOR_FACTOR = 1.5
+PROG = "python -m benchmarks.parity"
 
 
 @dataclass
@@ -242,12 +244,13 @@ def format_table(rows: list[Row], dtype: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, type=Path, help="diffusers-layout model folder")
     ap.add_argument("--inputs", type=Path, help=".safetensors with the model's input keys (default: random)")
-    ap.add_argument("--output", type=Path, help="write keys `torch` and `jax` here (.safetensors)")
+    ap.add_argument("--output", type=output_file, help="write keys `torch` and `jax` here (.safetensors)")
     ap.add_argument("--dtype", default="float32", choices=sorted(TOLERANCES))
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="seed of the random inputs")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
 
     try:
@@ -277,5 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r.ok for r in rows) else 1
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: `main` behind the shared error boundary."""
+    return run_cli(PROG, main, argv, user_errors=(ValueError,))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -9,8 +9,10 @@ environment shows the traceback of user errors too.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 
@@ -54,9 +56,88 @@ def run_cli(prog: str, main: Callable[[list[str] | None], object], argv: list[st
     except known as e:
         if debug_requested(argv):
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        # KeyError's str() is the repr of its argument; the others read as written
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return rc if isinstance(rc, int) else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse `type=` checks: a bad value is an argparse error naming the flag (exit 2), never a default.
+# ---------------------------------------------------------------------------------------------
+def _number(text: str, kind: type) -> int | float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+
+
+def finite_float(text: str) -> float:
+    value = _number(text, float)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value:g}")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    """Classifier-free guidance: >= 1 (1 = no guidance), or 0 = off."""
+    value = finite_float(text)
+    if value != 0 and value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (or 0 = off), got {value:g}")
+    return value
+
+
+def output_file(text: str) -> Path:
+    """A file to write: not an existing folder, and no file standing where one of its folders should be (the
+    folders themselves are made when it is written)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    existing = next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {existing} is a file, not a folder")
+    return path
+
+
+def output_dir(text: str) -> Path:
+    """A folder to write into: not an existing file, and no file standing where one of its parents should be."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    existing = next((p for p in path.absolute().parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {existing} is a file, not a folder")
+    return path

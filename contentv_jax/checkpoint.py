@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import argparse
+
 import jax
 import orbax.checkpoint as ocp
+
+from contentv_common.cli import UsageError, UserError
 
 
 class Checkpointer:
@@ -43,6 +47,7 @@ class Checkpointer:
         """(state, data_state) of `step`; `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings."""
         if step not in self._manager.all_steps():
             raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step}; have {self.all_steps()}")
+        check_state_matches(self.directory / str(step) / "state", abstract_state)
         out = self._manager.restore(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
@@ -73,7 +78,54 @@ class Checkpointer:
         self._manager.close()
 
 
+def saved_steps(path: str | Path) -> list[int]:
+    """The steps of the orbax step directories of this trainer in `path` (numbered dirs with a `state` item),
+    read without orbax (which would create the folder)."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and (p / "state").exists())
+
+
 def is_checkpoint_dir(path: str | Path) -> bool:
     """True if `path` holds orbax step directories of this trainer (numbered dirs with a `state` item)."""
-    path = Path(path)
-    return path.is_dir() and any(p.is_dir() and p.name.isdigit() and (p / "state").exists() for p in path.iterdir())
+    return bool(saved_steps(path))
+
+
+def resume_flag(text: str) -> str:
+    """argparse type of --resume: auto, no or a step number."""
+    if text in ("auto", "no") or text.isdigit():
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, no or a step number, got {text!r}")
+
+
+def check_resume(checkpoint_dir: str | Path | None, resume: str) -> None:
+    """The --resume / --checkpoint-dir combination, checked before the run creates anything."""
+    if resume.isdigit() and not checkpoint_dir:
+        raise UsageError(f"--resume {resume} needs --checkpoint-dir")
+    steps = saved_steps(checkpoint_dir) if checkpoint_dir else []
+    if resume == "no" and steps:
+        raise UsageError(f"--checkpoint-dir {checkpoint_dir} already holds step {steps[-1]}; use --resume auto "
+                         "or an empty dir")
+    if resume.isdigit() and int(resume) not in steps:
+        raise UsageError(f"--resume {resume}: --checkpoint-dir {checkpoint_dir} has no checkpoint at that step; "
+                         f"have {steps}")
+
+
+def check_state_matches(item: Path, abstract_state) -> None:
+    """Compare the state a checkpoint recorded (tree paths, shapes, dtypes, from orbax's metadata only) with the
+    one this run builds (its preset, buckets-independent shapes and optimizer structure); the first difference
+    raises a UserError naming it, instead of a failure deep inside orbax's restore."""
+    saved = ocp.tree.to_flat_dict(ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree)
+    wanted = ocp.tree.to_flat_dict(abstract_state)
+    hint = "the checkpoint was written by a run of another --config (model, optimizer); use its --config or " \
+           "another --checkpoint-dir"
+    for key in sorted(set(saved) | set(wanted)):
+        name = "/".join(map(str, key))
+        if key not in saved or key not in wanted:
+            where = "this run" if key in wanted else "the checkpoint"
+            raise UserError(f"{item.parent}: state entry {name} is only in {where}; {hint}")
+        a, b = saved[key], wanted[key]
+        if tuple(a.shape) != tuple(b.shape) or str(a.dtype) != str(b.dtype):
+            raise UserError(f"{item.parent}: {name} is {a.dtype}{list(a.shape)} in the checkpoint, "
+                            f"{b.dtype}{list(b.shape)} in this run; {hint}")

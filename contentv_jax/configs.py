@@ -21,8 +21,11 @@ step 150, 60 s wall including start-up and compile (2-core shared CPU box, 2026-
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
+from contentv_common.cli import UsageError
 from contentv_common.config import get_preset
 from contentv_common.schedule import DEFAULT_SIGMA_GRID
 
@@ -239,3 +242,95 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collecti
             raise ValueError(f"--set {item!r}: no config field {key!r}")
         node[leaf] = _parse_value(text.strip(), node[leaf])
     return config
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation: every numeric field, after --set and the flags are applied and before anything is built or
+# written. A bad value stops the run naming the field; none is replaced by a default.
+
+
+def _number(v, kind=(int, float)) -> bool:
+    return isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _at_least(lo, kind=int):
+    name = "an integer" if kind is int else "a finite number"
+    return lambda v: None if _number(v, kind) and v >= lo else f"must be {name} >= {lo}"
+
+
+def _positive(v):
+    return None if _number(v) and v > 0 else "must be a finite number > 0"
+
+
+def _unit(closed_top: bool = True):
+    return lambda v: (None if _number(v) and 0 <= v and (v <= 1 if closed_top else v < 1)
+                      else f"must be in [0, 1{']' if closed_top else ')'}")
+
+
+def _finite(v):
+    return None if _number(v) else "must be a finite number"
+
+
+def _guidance(v):
+    return None if _number(v) and (v == 0 or v >= 1) else "must be a finite number >= 1 (or 0 = off)"
+
+
+def _buckets(v):
+    ok = len(v) > 0 and all(len(b) == 4 and all(_number(x, int) and x >= 1 for x in b) for b in v)
+    return None if ok else "must be a non-empty list of (frames, height, width, batch) positive integers"
+
+
+_FIELD_CHECKS = {
+    "steps": _at_least(1), "seed": _at_least(0), "log_every": _at_least(1), "checkpoint_every": _at_least(1),
+    "keep_checkpoints": _at_least(1), "max_nonfinite": _at_least(1), "peak_tflops_per_device": _at_least(0, float),
+    "optim.lr": _positive, "optim.warmup_steps": _at_least(0), "optim.end_lr_ratio": _unit(),
+    "optim.b1": _unit(False), "optim.b2": _unit(False), "optim.eps": _positive,
+    "optim.weight_decay": _at_least(0, float), "optim.clip_norm": _at_least(0, float),
+    "optim.grad_accum": _at_least(1), "optim.ema_decay": _unit(),
+    "flow.logit_mean": _finite, "flow.logit_std": _positive, "flow.shift": _positive,
+    "flow.shift_base_tokens": _at_least(1), "flow.shift_max_tokens": _at_least(1), "flow.shift_base": _finite,
+    "flow.shift_max": _finite, "flow.caption_dropout": _unit(),
+    "data.buckets": _buckets, "data.num_captions": _at_least(1), "data.tokens_per_step": _at_least(0),
+    "data.image_ratio": lambda v: None if _number(v) and v <= 1 else "must be <= 1 (< 0: natural proportions)",
+    "eval.every": _at_least(0), "eval.num_prompts": _at_least(1), "eval.num_steps": _at_least(1),
+    "eval.guidance": _guidance, "eval.shift": _positive, "eval.frames": _at_least(1), "eval.height": _at_least(1),
+    "eval.width": _at_least(1), "eval.fps": _positive,
+    # the RLHF stage (contentv_jax.rlhf.get_config)
+    "rlhf.num_prompts": _at_least(1), "rlhf.num_heldout": _at_least(1), "rlhf.lam": _finite,
+    "rlhf.rollout_steps": _at_least(1), "rlhf.guidance": _guidance, "rlhf.shift": _positive,
+    "rlhf.fm_every": _at_least(0), "rlhf.fm_weight": _at_least(0, float), "rlhf.frames": _at_least(1),
+    "rlhf.height": _at_least(1), "rlhf.width": _at_least(1), "rlhf.batch": _at_least(1),
+    "rlhf.eval_every": _at_least(0), "rlhf.eval_noise": _at_least(1),
+}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check every numeric field (ranges, finiteness) and the few cross-field rules; the first bad one raises
+    a UsageError naming it. Fields a config does not have (the rlhf section of a training config) are skipped.
+    Returns the config."""
+    def get(field):
+        node = config
+        for part in field.split("."):
+            if part not in node:
+                return _MISSING
+            node = node[part]
+        return node
+
+    for field, check in _FIELD_CHECKS.items():
+        value = get(field)
+        if value is not _MISSING and (problem := check(value)):
+            raise UsageError(f"config field {field}={value!r}: {problem}")
+    weights = get("data.bucket_weights")
+    if len(weights) != len(config.data.buckets) or any(not _number(w) or w < 0 for w in weights) or not sum(weights):
+        raise UsageError(f"config field data.bucket_weights={list(weights)!r}: needs one weight >= 0 per bucket "
+                         f"({len(config.data.buckets)}), not all 0")
+    window = get("rlhf.grad_window")
+    if window is not _MISSING:
+        lo, hi = window
+        if not (_number(lo, int) and _number(hi, int) and 0 <= lo <= hi < config.rlhf.rollout_steps):
+            raise UsageError(f"config field rlhf.grad_window={tuple(window)!r}: needs 0 <= lo <= hi < "
+                             f"rlhf.rollout_steps ({config.rlhf.rollout_steps})")
+    return config
+
+
+_MISSING = object()

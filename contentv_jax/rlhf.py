@@ -37,12 +37,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from contentv_common.cli import UsageError, add_debug_flag, output_dir, output_file, positive_int, run_cli
 from contentv_common.config import ModelPreset, get_preset
 from contentv_common.latents import denormalize_latents
 from contentv_common.schedule import flow_match_sigmas
 from contentv_jax import configs as configs_lib
 from contentv_jax import sharding as shd
-from contentv_jax.checkpoint import Checkpointer
+from contentv_jax.checkpoint import Checkpointer, check_resume, resume_flag
 from contentv_jax.data import Bucket, make_source
 from contentv_jax.flow import flow_matching_loss
 from contentv_jax.metrics import MetricsWriter
@@ -463,23 +464,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="prompt file (one per line); default: the SFT source's captions")
     p.add_argument("--text-encoders", default=None, help="ContentV / SD3.5 folder whose text encoders embed --prompts")
     p.add_argument("--init-from", default=None, help="SFT checkpoint dir or converted transformer folder to start from")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--mesh", default=None, help="mesh, e.g. data=2,fsdp=-1")
-    p.add_argument("--checkpoint-dir", default=None)
-    p.add_argument("--resume", default="auto", help="auto | no | a step")
-    p.add_argument("--metrics-file", default=None, help="JSONL metrics (TensorBoard next to it in tb/)")
+    p.add_argument("--checkpoint-dir", type=output_dir, default=None)
+    p.add_argument("--resume", type=resume_flag, default="auto", help="auto | no | a step")
+    p.add_argument("--metrics-file", type=output_file, default=None, help="JSONL metrics (TensorBoard next to it in tb/)")
+    add_debug_flag(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    config = get_config(args.config)
-    configs_lib.apply_overrides(config, args.set)
-    configs_lib.apply_flags(config, args, (
-        ("reward", "rlhf.reward"), ("reward_processor", "rlhf.reward_processor"), ("vae", "rlhf.vae"),
-        ("prompts", "rlhf.prompts"), ("text_encoders", "rlhf.text_encoders"), ("init_from", "init_from"),
-        ("steps", "steps")))
-    out = rlhf(config, mesh_spec=args.mesh, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+    try:  # flag and config errors, all found before anything is built or written (exit 2)
+        config = get_config(args.config)
+        configs_lib.apply_overrides(config, args.set)
+        configs_lib.apply_flags(config, args, (
+            ("reward", "rlhf.reward"), ("reward_processor", "rlhf.reward_processor"), ("vae", "rlhf.vae"),
+            ("prompts", "rlhf.prompts"), ("text_encoders", "rlhf.text_encoders"), ("init_from", "init_from"),
+            ("steps", "steps")))
+        configs_lib.validate_config(config)
+        mesh = shd.create_mesh(args.mesh if args.mesh is not None else config.mesh)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    check_resume(args.checkpoint_dir, args.resume)
+    out = rlhf(config, mesh=mesh, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                metrics_file=args.metrics_file)
     e = out["evals"]
     if e:
@@ -488,5 +496,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """The command line: `main` behind the shared error boundary (bad reward, VAE, prompt and checkpoint
+    folders raise ValueError naming them)."""
+    return run_cli("python -m contentv_jax.rlhf", main, argv, user_errors=(ValueError,))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -26,11 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contentv_common.cli import (UsageError, add_debug_flag, nonneg_int, output_dir, output_file, positive_int,
+                                  run_cli)
 from contentv_common.config import ModelPreset, get_preset
 from contentv_common.dataset import ON_CORRUPT
 from contentv_jax import configs as configs_lib
 from contentv_jax import sharding as shd
-from contentv_jax.checkpoint import Checkpointer, is_checkpoint_dir
+from contentv_jax.checkpoint import Checkpointer, check_resume, is_checkpoint_dir, resume_flag
 from contentv_jax.data import BATCH_KEYS, BATCH_NDIMS, BatchSource, make_source
 from contentv_jax.flow import drop_captions, flow_matching_loss
 from contentv_jax.metrics import MetricsWriter, peak_flops, train_step_flops
@@ -428,29 +430,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
     p.add_argument("--data", default=None, help="batch source: 'synthetic' (built in) or a dataset path (default: the config's)")
-    p.add_argument("--steps", type=int, default=None, help="total training steps (default: the config's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="total training steps (default: the config's)")
     p.add_argument("--mesh", default=None, help="mesh axes sizes, e.g. data=2,fsdp=2,tensor=2 or fsdp=-1 "
                    "(-1 = the remaining devices; axes data,fsdp,tensor,context; default: the config's, fsdp=-1)")
-    p.add_argument("--checkpoint-dir", default=None, help="orbax checkpoint directory (async, keep-N, on an interval, on SIGTERM)")
-    p.add_argument("--resume", default="auto", help="auto (default: latest checkpoint in --checkpoint-dir if any), no, or a step")
-    p.add_argument("--metrics-file", default=None, help="JSONL metrics, one record per logged step (step, loss, norms, "
+    p.add_argument("--checkpoint-dir", type=output_dir, default=None, help="orbax checkpoint directory (async, keep-N, on an interval, on SIGTERM)")
+    p.add_argument("--resume", type=resume_flag, default="auto", help="auto (default: latest checkpoint in --checkpoint-dir if any), no, or a step")
+    p.add_argument("--metrics-file", type=output_file, default=None, help="JSONL metrics, one record per logged step (step, loss, norms, "
                    "steps/s, tokens/s, mfu); TensorBoard logs go to <its dir>/tb")
-    p.add_argument("--tb-dir", default=None, help="TensorBoard log dir (default: next to --metrics-file)")
+    p.add_argument("--tb-dir", type=output_dir, default=None, help="TensorBoard log dir (default: next to --metrics-file)")
     p.add_argument("--init-from", default=None, help="initial params (ignored when resuming): an earlier stage's "
                    "--checkpoint-dir, or any transformer format `python -m convert` reads: a ContentV / SD3.5 model "
                    "folder or its transformer/ folder, our JAX-format folder, sd3.5_large.safetensors")
     p.add_argument("--on-corrupt", choices=ON_CORRUPT, default=None, help="a corrupt / unreadable dataset "
                    "shard or record: error (stop, naming it) or skip (log it, count it in the metrics); default: "
                    "the config's data.on_corrupt, error")
-    p.add_argument("--log-every", type=int, default=None, help="log (and write metrics) every N steps")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps")
-    p.add_argument("--seed", type=int, default=None, help="run seed (init, noise, data order)")
+    p.add_argument("--log-every", type=positive_int, default=None, help="log (and write metrics) every N steps")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, help="checkpoint every N steps")
+    p.add_argument("--seed", type=nonneg_int, default=None, help="run seed (init, noise, data order)")
     p.add_argument("--fast-compile", action="store_true", help="XLA backend optimisation level 0: faster compiles, "
                    "slower steps (tests, quick CPU checks)")
     p.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
                    help="multi-host: host:port of process 0 (env JAX_COORDINATOR_ADDRESS); enables jax.distributed")
-    p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
-    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+    p.add_argument("--num-processes", type=positive_int, default=None, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=nonneg_int, default=None, help="multi-host: this process's index")
+    add_debug_flag(p)
     return p
 
 
@@ -466,12 +469,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.coordinator_address or args.num_processes:
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    try:  # flag and config errors: one clear line, no traceback
-        config = config_from_args(args)
+    try:  # flag and config errors, all found before anything is built or written (exit 2)
+        config = configs_lib.validate_config(config_from_args(args))
         mesh = shd.create_mesh(args.mesh if args.mesh is not None else config.mesh)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    check_resume(args.checkpoint_dir, args.resume)
     try:
         out = train(config, mesh=mesh, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                     metrics_file=args.metrics_file, tb_dir=args.tb_dir,
@@ -486,5 +489,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """The command line: `main` behind the shared error boundary (bad data, checkpoints and --init-from
+    folders raise ValueError naming them)."""
+    return run_cli("python -m contentv_jax.train", main, argv, user_errors=(ValueError,))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -34,10 +34,13 @@ import torch
 from tqdm.auto import tqdm
 
 from contentv_common import dataset as fmt
+from contentv_common import preflight
+from contentv_common.cli import add_debug_flag, positive_float, positive_int, run_cli
 from contentv_common.latents import normalize_latents
 from contentv_common.weights import atomic_file
 
 log = logging.getLogger("contentv_torch.encode_dataset")
+PROG = "python -m contentv_torch.encode_dataset"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -272,13 +275,16 @@ def encode_dataset(args, encoder: Encoder | None = None) -> dict | None:
     `encoder`: an already loaded Encoder of args.model (else one is loaded when any chunk is left to do)."""
     from safetensors import safe_open
 
-    from contentv_torch.pipeline import read_model_info
+    from contentv_torch.pipeline import free_memory, read_model_info
 
     info = read_model_info(args.model)  # checks the folder before anything is loaded
     vae = info.vae
     args.max_sequence_length = args.max_sequence_length or info.preset.text.t5_max_tokens
     buckets = parse_buckets(args.buckets, vae.spatial_factor * info.transformer.patch_size, vae.temporal_factor)
     items = read_captions(args.captions, args.root)
+    f, h, w = max(buckets, key=lambda b: b[0] * b[1] * b[2])
+    preflight.check_fits(f"--buckets {f}x{h}x{w} x --batch-size {args.batch_size}",
+                         preflight.encode_bytes(vae, args.batch_size, f, h, w), *_free_memory(args.device))
     out = Path(args.output)
     settings = _settings(args, items)
     spath = out / "encode_settings.json"
@@ -297,7 +303,6 @@ def encode_dataset(args, encoder: Encoder | None = None) -> dict | None:
                              "or --overwrite")
     elif out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):  # (.tmp files: a part starting)
         raise FileExistsError(f"--output {out} exists and is not a dataset being encoded; use another folder or --overwrite")
-    _write_json(spath, settings)
 
     chunks_in = [items[i:i + args.shard_size] for i in range(0, len(items), args.shard_size)]
     chunks = _finished_chunks(out, len(chunks_in))
@@ -308,6 +313,7 @@ def encode_dataset(args, encoder: Encoder | None = None) -> dict | None:
     enc = encoder
     if todo and enc is None:
         enc = Encoder(args.model, args.device, getattr(torch, args.text_dtype), args.max_sequence_length)
+    _write_json(spath, settings)  # only now: a model that fails to load leaves no --output behind
     with tqdm(total=len(items), desc="encode", unit="file", disable=args.quiet) as bar:
         bar.update(sum(len(chunks_in[k]) for k in range(len(chunks)) if chunks[k] is not None))
         for k in todo:
@@ -351,7 +357,7 @@ def encode_dataset(args, encoder: Encoder | None = None) -> dict | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m contentv_torch.encode_dataset", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="local ContentV folder (vae/, text_encoder*/, tokenizer*/, ...)")
     ap.add_argument("--captions", required=True, help="jsonl: one {\"file\": ..., \"caption\": ...} per line")
@@ -359,33 +365,33 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", required=True, help="dataset folder to write (or resume)")
     ap.add_argument("--buckets", required=True, help="FxHxW,... pixel buckets; F = 4k+1 frames, 1 for images; H, W "
                                                      "multiples of 16, e.g. 17x128x128,17x128x224,1x128x128")
-    ap.add_argument("--fps", type=float, default=24, help="frame rate clips are sampled at (default 24)")
-    ap.add_argument("--batch-size", type=int, default=4, help="clips per VAE / text-encoder batch")
-    ap.add_argument("--shard-size", type=int, default=64, help="input lines per chunk (one shard per bucket per chunk)")
+    ap.add_argument("--fps", type=positive_float, default=24, help="frame rate clips are sampled at (default 24)")
+    ap.add_argument("--batch-size", type=positive_int, default=4, help="clips per VAE / text-encoder batch")
+    ap.add_argument("--shard-size", type=positive_int, default=64, help="input lines per chunk (one shard per bucket per chunk)")
     ap.add_argument("--device", default="auto", help="auto | cuda[:i] | npu[:i] | cpu")
     ap.add_argument("--text-dtype", default="float32", choices=["float32", "bfloat16"], help="text encoders' dtype")
     ap.add_argument("--store-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype in the shards")
-    ap.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model preset's, 256)")
+    ap.add_argument("--max-sequence-length", type=positive_int, default=None, help="T5 tokens (default: the model preset's, 256)")
     ap.add_argument("--part", type=_part, default=(0, 1), metavar="I/N", help="encode only chunks k with k %% N == I "
                     "(N processes or devices share one --output; the last to finish writes the manifest)")
     ap.add_argument("--overwrite", action="store_true", help="start over, deleting an earlier run's shards in --output")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_debug_flag(ap)
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.batch_size < 1 or args.shard_size < 1 or args.fps <= 0:
-        print("error: --batch-size and --shard-size must be >= 1 and --fps > 0", file=sys.stderr)
-        return 2
-    try:
-        encode_dataset(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    encode_dataset(args)
     return 0
 
 
+def cli(argv=None) -> int:
+    """The command line: `main` behind the shared error boundary (bad flags, model folders, caption files and buckets raise ValueError naming them; a
+    missing torch_npu is an ImportError that says what to install)."""
+    return run_cli(PROG, main, argv, user_errors=(ValueError, ImportError))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

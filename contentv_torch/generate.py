@@ -19,32 +19,37 @@ from pathlib import Path
 
 import torch
 
+from contentv_common import preflight
+from contentv_common.cli import (add_debug_flag, guidance_scale, nonneg_int, positive_float, positive_int,
+                                  run_cli)
 from contentv_common.schedule import SIGMA_GRIDS
-from contentv_torch.pipeline import ContentVPipeline, read_model_info
+from contentv_torch.pipeline import ContentVPipeline, free_memory, read_model_info
 from contentv_torch.video_io import check_writable, write_mp4
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 log = logging.getLogger("contentv_torch.generate")
+PROG = "python -m contentv_torch.generate"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m contentv_torch.generate", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="local ContentV folder (model_index.json, transformer/, vae/, ...)")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--negative-prompt", default="")
-    ap.add_argument("--frames", type=int, help="4k+1 frames (default: the model's, 125)")
-    ap.add_argument("--height", type=int, help="multiple of 16 (default: the model's, 432)")
-    ap.add_argument("--width", type=int, help="multiple of 16 (default: the model's, 768)")
-    ap.add_argument("--steps", type=int, help="sampling steps (default: the model's, 50)")
-    ap.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, 6.0)")
+    ap.add_argument("--frames", type=positive_int, help="4k+1 frames (default: the model's, 125)")
+    ap.add_argument("--height", type=positive_int, help="multiple of 16 (default: the model's, 432)")
+    ap.add_argument("--width", type=positive_int, help="multiple of 16 (default: the model's, 768)")
+    ap.add_argument("--steps", type=positive_int, help="sampling steps (default: the model's, 50)")
+    ap.add_argument("--guidance", type=guidance_scale,
+                    help="classifier-free guidance scale >= 1, 0 or 1 = off (default: the model's, 6.0)")
     ap.add_argument("--sigma-grid", default="contentv", choices=SIGMA_GRIDS,
                     help="contentv: the released pipeline's linspace(1, 0, N+1)[:-1]; sd3: set_timesteps(N)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num-videos", type=int, default=1, help="videos for the prompt (or the batch of --latents-in)")
+    ap.add_argument("--seed", type=nonneg_int, default=0)
+    ap.add_argument("--num-videos", type=positive_int, default=1, help="videos for the prompt (or the batch of --latents-in)")
     ap.add_argument("--output", default="output.mp4", help="mp4 path (written atomically)")
-    ap.add_argument("--fps", type=float, default=24)
+    ap.add_argument("--fps", type=positive_float, default=24)
     ap.add_argument("--device", default="auto", help="auto | cuda[:i] | npu[:i] | cpu")
     ap.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
                     help="DiT + text encoders (auto: bf16 on GPU/NPU, fp32 on CPU)")
@@ -54,10 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="model CPU offload: each model on the device only while used")
     ap.add_argument("--tiled-vae", action="store_true", help="decode in overlapping spatial tiles (less memory)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the DiT")
-    ap.add_argument("--sp", type=int, default=None, help="Ulysses sequence-parallel degree (under torchrun; default: "
+    ap.add_argument("--sp", type=positive_int, default=None, help="Ulysses sequence-parallel degree (under torchrun; default: "
                                                          "world size / cfg degree)")
     ap.add_argument("--cfg-parallel", action="store_true", help="cond and uncond on two rank groups (under torchrun)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_debug_flag(ap)
     return ap.parse_args(argv)
 
 
@@ -68,10 +74,14 @@ def load_latents(path: str | Path) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--latents-in {path}: no such file")
-    with safe_open(str(path), framework="pt") as f:
-        if "latents" not in f.keys():
-            raise KeyError(f"--latents-in {path}: no tensor named 'latents' (found {sorted(f.keys())})")
-        return f.get_tensor("latents").float()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = sorted(f.keys())
+            if "latents" in keys:
+                return f.get_tensor("latents").float()
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise ValueError(f"--latents-in {path}: not a readable safetensors file ({e})") from None
+    raise ValueError(f"--latents-in {path}: no tensor named 'latents' (found {keys})")
 
 
 def save_latents(path: str | Path, latents: torch.Tensor) -> None:
@@ -96,7 +106,8 @@ def main(argv=None) -> list[Path]:
     # 1. Everything that can be wrong is checked before any weight is read.
     info = read_model_info(args.model)
     p = info.preset
-    frames, height, width = args.frames or p.frames, args.height or p.height, args.width or p.width
+    frames, height, width = (p_default if v is None else v for v, p_default in
+                             ((args.frames, p.frames), (args.height, p.height), (args.width, p.width)))
     latents = None
     n = args.num_videos
     if args.latents_in:
@@ -113,6 +124,12 @@ def main(argv=None) -> list[Path]:
         raise ValueError(f"--latents-in {args.latents_in}: shape {tuple(latents.shape)} does not match {shape} "
                          f"= [B, z, (frames-1)/4+1, height/8, width/8] for --frames {frames} --height {height} "
                          f"--width {width}")
+    guidance = p.guidance_scale if args.guidance is None else args.guidance
+    needed = preflight.generate_bytes(info.transformer, info.vae, shape, frames, height, width,
+                                      p.text.context_tokens, guidance > 1, 2 if args.dtype in ("bf16", "bfloat16",
+                                                                                               "fp16", "float16") else 4)
+    preflight.check_fits(f"--frames {frames} --height {height} --width {width} x {n} video(s)", needed,
+                         *free_memory(args.device))
     outputs = video_paths(args.output, n)
     for path in outputs + ([Path(args.latents_out)] if args.latents_out else []):
         check_writable(path)
@@ -148,5 +165,11 @@ def main(argv=None) -> list[Path]:
     return written
 
 
+def cli(argv=None) -> int:
+    """The command line: `main` behind the shared error boundary (bad flags, model folders, latents files and sizes raise ValueError naming them; a
+    missing torch_npu is an ImportError that says what to install)."""
+    return run_cli(PROG, main, argv, user_errors=(ValueError, ImportError))
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    sys.exit(cli())

@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from contentv_common import preflight
 from contentv_common.config import ModelPreset, TransformerConfig, VAEConfig, get_preset, read_json
 from contentv_common.latents import denormalize_latents
 from contentv_common.schedule import NUM_TRAIN_TIMESTEPS, flow_match_sigmas
+from contentv_common.weights import weight_index
 
 SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 # Scheduler options we do not implement, with the values that make them inactive.
@@ -90,6 +92,8 @@ def read_model_info(folder: str | Path) -> ModelInfo:
                            "tokenizer", "tokenizer_2", "tokenizer_3") if not (folder / s).is_dir()]
     if missing:
         raise FileNotFoundError(f"{folder}: missing component folders {missing} of a ContentV model")
+    for sub in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        weight_index(folder / sub)  # every weight file's header, so a truncated one is named before loading
     preset = get_preset(index.get("_contentv_preset", "contentv-8b"))
     transformer = TransformerConfig.from_diffusers_config(read_json(folder / "transformer" / "config.json"))
     vae = VAEConfig.from_diffusers_config(read_json(folder / "vae" / "config.json"))
@@ -118,7 +122,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
                               "torch-npu build matching your torch and CANN (`pip install -e .[npu]`)") from None
         torch.npu.config.allow_internal_format = False
     elif kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
     elif kind not in ("cuda", "cpu"):
         raise ValueError(f"unknown device {name!r}; choose auto, cuda[:i], npu[:i] or cpu")
     return torch.device(name)
@@ -127,6 +131,19 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 for the DiT and text encoders on CUDA / NPU, fp32 on CPU."""
     return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def free_memory(device: str) -> tuple[int | None, str]:
+    """(free bytes, a name for it) of the device a --device string asks for, for the pre-flight checks; None
+    where it cannot be told without starting the device (NPU)."""
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            return None, device  # resolve_device names the problem
+        index = torch.device(device if device != "auto" else "cuda").index or 0
+        return torch.cuda.mem_get_info(index)[0], f"CUDA device {index}"
+    if device in ("auto", "cpu"):
+        return preflight.host_available_bytes(), "host memory"
+    return None, device
 
 
 def _empty_cache(device: torch.device) -> None:

@@ -39,6 +39,16 @@ def _subfolder(folder: Path, name: str) -> Path:
     return sub
 
 
+def _load(cls, folder: Path, name: str, **kw):
+    """`cls.from_pretrained(folder/name)`; a missing or unreadable file is a ValueError naming the component,
+    as the transformer and VAE loaders name theirs (transformers raises many error types for bad files)."""
+    sub = _subfolder(folder, name)
+    try:
+        return cls.from_pretrained(sub, **kw)
+    except Exception as e:  # transformers / safetensors / tokenizers raise many error types for a bad file
+        raise ValueError(f"{sub}: cannot load the {name} component ({type(e).__name__}: {e})") from e
+
+
 class TextEncoders(torch.nn.Module):
     """CLIP-L + CLIP-bigG + T5 with their tokenizers. `encode(...)` mirrors SD3's `encode_prompt`."""
 
@@ -55,12 +65,11 @@ class TextEncoders(torch.nn.Module):
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: not a model folder (no hub access here: pass a local directory)")
-        toks = [AutoTokenizer.from_pretrained(_subfolder(folder, f"tokenizer{s}"), local_files_only=True)
-                for s in ("", "_2", "_3")]
+        toks = [_load(AutoTokenizer, folder, f"tokenizer{s}", local_files_only=True) for s in ("", "_2", "_3")]
         kw = dict(dtype=dtype, local_files_only=True)
-        clip_l = CLIPTextModelWithProjection.from_pretrained(_subfolder(folder, "text_encoder"), **kw)
-        clip_g = CLIPTextModelWithProjection.from_pretrained(_subfolder(folder, "text_encoder_2"), **kw)
-        t5 = T5EncoderModel.from_pretrained(_subfolder(folder, "text_encoder_3"), **kw)
+        clip_l = _load(CLIPTextModelWithProjection, folder, "text_encoder", **kw)
+        clip_g = _load(CLIPTextModelWithProjection, folder, "text_encoder_2", **kw)
+        t5 = _load(T5EncoderModel, folder, "text_encoder_3", **kw)
         return cls(*toks, clip_l, clip_g, t5).to(device).eval()
 
     @property

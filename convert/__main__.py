@@ -1,6 +1,6 @@
 """`python -m convert --help` lists every format."""
 import sys
 
-from convert.cli import main
+from convert.cli import cli
 
-sys.exit(main())
+sys.exit(cli())

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from contentv_common.weights import KeyMismatchError
-from convert.formats import DTYPES, FORMATS, FormatError
+from contentv_common.cli import add_debug_flag, nonneg_int, positive_float, run_cli
+from convert.formats import DTYPES, FORMATS
+
+PROG = "python -m convert"
 
 EPILOG = "source formats (detected automatically; --from forces one):\n" + "\n".join(
     f"  {k:22s} {v}" for k, v in FORMATS.items()
@@ -30,7 +31,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__, epilog=EPILOG,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--to", required=True, choices=["jax", "torch"], help="output framework")
     p.add_argument("src", help="source file or folder")
@@ -38,13 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="fmt", choices=sorted(FORMATS), default=None, help="force the source format")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors (default: keep)")
     p.add_argument("--ema", action="store_true", help="training checkpoint: take the EMA params (default: raw params)")
-    p.add_argument("--step", type=int, default=None, help="training checkpoint: step to read (default: latest)")
+    p.add_argument("--step", type=nonneg_int, default=None, help="training checkpoint: step to read (default: latest)")
     p.add_argument("--components", default=None, metavar="DIR",
                    help="ContentV-format folder whose other parts complete a whole model folder at DST")
     p.add_argument("--link", action="store_true", help="with --components / a model folder: symlink the copied parts")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST (atomically)")
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size of written safetensors (default 5)")
+    p.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="shard size of written safetensors (default 5)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    add_debug_flag(p)
     return p
 
 
@@ -52,15 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from convert.export import convert
-    from convert.wan_original import UnsafeCheckpointError
 
-    try:
-        convert(args.src, args.dst, args.to, fmt=args.fmt, dtype=args.dtype, ema=args.ema, step=args.step,
-                components=args.components, link=args.link, overwrite=args.overwrite,
-                max_shard_bytes=int(args.max_shard_gb * 2**30))
-    except (KeyMismatchError, FormatError, UnsafeCheckpointError, FileExistsError, FileNotFoundError,
-            PermissionError, KeyError, ValueError) as e:
-        kind = type(e).__name__
-        print(f"convert: error ({kind}): {e}", file=sys.stderr)
-        return 1
+    convert(args.src, args.dst, args.to, fmt=args.fmt, dtype=args.dtype, ema=args.ema, step=args.step,
+            components=args.components, link=args.link, overwrite=args.overwrite,
+            max_shard_bytes=int(args.max_shard_gb * 2**30))
     return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: `main` behind the shared error boundary. Bad sources, keys, shapes and formats raise
+    ValueError subclasses (KeyMismatchError, FormatError, UnsafeCheckpointError) naming the culprit."""
+    return run_cli(PROG, main, argv, user_errors=(ValueError, KeyError))

@@ -134,6 +134,8 @@ def load_pth(path: str | Path) -> dict:
                 f"torch.load(weights_only=True)). {detail}"
             ) from None
         raise ValueError(f"{path}: not a torch checkpoint (cannot unpickle: {detail})") from None
+    except (EOFError, RuntimeError) as e:  # an empty / truncated file (zip or legacy format)
+        raise ValueError(f"{path}: not a torch checkpoint, empty or truncated ({type(e).__name__}: {e})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
