@@ -60,6 +60,8 @@ def run_cli(prog: str, main: Callable[[list[str] | None], object], argv: list[st
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"{prog}: error: {message}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
+    except SystemExit as e:  # argparse has printed its own one-line error (or --help): keep its code
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

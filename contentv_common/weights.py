@@ -124,13 +124,27 @@ def _umask() -> int:
     return mask
 
 
+def _make_parents(dst: Path) -> list[Path]:
+    """mkdir -p dst's folder; returns the folders it made, outermost first."""
+    made = [p for p in reversed(dst.absolute().parents) if not p.exists()]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Undo _make_parents after a failed write: a failed run leaves no new (empty) folders behind."""
+    for p in reversed(folders):
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
 @contextlib.contextmanager
 def atomic_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `dst`; on success it replaces `dst` in one rename, on error it is removed."""
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists (pass overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(dst)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should have the usual permissions
     try:
@@ -144,6 +158,7 @@ def atomic_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
             os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
 
 
@@ -151,7 +166,7 @@ def atomic_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
 def atomic_file(dst: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `dst` (same suffix); it is renamed onto `dst` only on success."""
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(dst)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.stem}.tmp-", suffix=dst.suffix, dir=dst.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should have the usual permissions
@@ -161,6 +176,7 @@ def atomic_file(dst: str | Path) -> Iterator[Path]:
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        _remove_empty(made)
         raise
 
 

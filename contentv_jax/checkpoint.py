@@ -23,20 +23,27 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep: int = 3, every: int = 50, async_save: bool = True):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=max(int(every), 1), create=True,
             enable_async_checkpointing=async_save,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        # orbax creates the directory: a new one is made at the first save, so a run that fails before it
+        # leaves no empty checkpoint dir behind
+        self._manager = self._open() if self.directory.is_dir() else None
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(self.directory, options=self._options, item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        return self._manager.latest_step() if self._manager is not None else None
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        return list(self._manager.all_steps()) if self._manager is not None else []
 
     def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
         """Start an (async) save of step `step` if the interval says so or `force`; True if one started."""
+        if self._manager is None:
+            self._manager = self._open()
         return self._manager.save(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
@@ -45,7 +52,7 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """(state, data_state) of `step`; `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings."""
-        if step not in self._manager.all_steps():
+        if step not in self.all_steps():
             raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step}; have {self.all_steps()}")
         check_state_matches(self.directory / str(step) / "state", abstract_state)
         out = self._manager.restore(
@@ -71,11 +78,13 @@ class Checkpointer:
         return out[key]
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._manager.close()
 
 
 def saved_steps(path: str | Path) -> list[int]:

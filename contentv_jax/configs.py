@@ -22,6 +22,7 @@ step 150, 60 s wall including start-up and compile (2-core shared CPU box, 2026-
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import ml_collections
 
@@ -208,7 +209,7 @@ def _parse_value(text: str, like):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise ValueError(f"--set: cannot parse {text!r} as a {type(like).__name__}") from None
+        raise ValueError(f"cannot parse {text!r} as a {type(like).__name__}") from None
     if isinstance(like, float) and isinstance(value, int):
         value = float(value)
     return value
@@ -240,7 +241,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collecti
             node = node[p]
         if leaf not in node:
             raise ValueError(f"--set {item!r}: no config field {key!r}")
-        node[leaf] = _parse_value(text.strip(), node[leaf])
+        try:
+            node[leaf] = _parse_value(text.strip(), node[leaf])
+        except ValueError as e:
+            raise ValueError(f"--set {item!r}: {e}") from None
     return config
 
 
@@ -320,6 +324,11 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         value = get(field)
         if value is not _MISSING and (problem := check(value)):
             raise UsageError(f"config field {field}={value!r}: {problem}")
+    for field in _PATH_FIELDS:  # checked now: the run would otherwise fail after creating its outputs
+        value = get(field)
+        if value not in (_MISSING, "", None) and not (field == "data.name" and value == "synthetic") \
+                and not Path(value).exists():
+            raise UsageError(f"config field {field}={value!r}: no such file or folder")
     weights = get("data.bucket_weights")
     if len(weights) != len(config.data.buckets) or any(not _number(w) or w < 0 for w in weights) or not sum(weights):
         raise UsageError(f"config field data.bucket_weights={list(weights)!r}: needs one weight >= 0 per bucket "
@@ -334,3 +343,6 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 _MISSING = object()
+# Fields naming inputs (empty = none); data.name is a dataset path unless "synthetic".
+_PATH_FIELDS = ("init_from", "data.name", "eval.vae", "rlhf.reward", "rlhf.reward_processor", "rlhf.vae",
+                "rlhf.prompts", "rlhf.text_encoders")

@@ -73,14 +73,10 @@ class MetricsWriter:
     """
 
     def __init__(self, jsonl_path: str | os.PathLike | None, tb_dir: str | os.PathLike | None, enabled: bool = True):
+        # Files and folders are made at the first write, so a run that fails before its first step leaves none.
         self.path = Path(jsonl_path) if jsonl_path and enabled else None
+        self._tb_dir = tb_dir if enabled else None
         self._tb = None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        if tb_dir and enabled:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(tb_dir))
 
     def truncate_after(self, step: int) -> None:
         if self.path is None or not self.path.exists():
@@ -99,9 +95,14 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict) -> None:
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
+        if self._tb is None and self._tb_dir:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self._tb_dir))
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step":

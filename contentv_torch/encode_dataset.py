@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from contentv_common import dataset as fmt
 from contentv_common import preflight
-from contentv_common.cli import add_debug_flag, positive_float, positive_int, run_cli
+from contentv_common.cli import UsageError, add_debug_flag, output_dir, positive_float, positive_int, run_cli
 from contentv_common.latents import normalize_latents
 from contentv_common.weights import atomic_file
 
@@ -280,11 +280,14 @@ def encode_dataset(args, encoder: Encoder | None = None) -> dict | None:
     info = read_model_info(args.model)  # checks the folder before anything is loaded
     vae = info.vae
     args.max_sequence_length = args.max_sequence_length or info.preset.text.t5_max_tokens
-    buckets = parse_buckets(args.buckets, vae.spatial_factor * info.transformer.patch_size, vae.temporal_factor)
+    try:
+        buckets = parse_buckets(args.buckets, vae.spatial_factor * info.transformer.patch_size, vae.temporal_factor)
+    except ValueError as e:  # a bad flag value: exit 2, as argparse's own checks
+        raise UsageError(str(e)) from None
     items = read_captions(args.captions, args.root)
     f, h, w = max(buckets, key=lambda b: b[0] * b[1] * b[2])
     preflight.check_fits(f"--buckets {f}x{h}x{w} x --batch-size {args.batch_size}",
-                         preflight.encode_bytes(vae, args.batch_size, f, h, w), *_free_memory(args.device))
+                         preflight.encode_bytes(vae, args.batch_size, f, h, w), *free_memory(args.device))
     out = Path(args.output)
     settings = _settings(args, items)
     spath = out / "encode_settings.json"
@@ -362,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", required=True, help="local ContentV folder (vae/, text_encoder*/, tokenizer*/, ...)")
     ap.add_argument("--captions", required=True, help="jsonl: one {\"file\": ..., \"caption\": ...} per line")
     ap.add_argument("--root", default=None, help="folder the jsonl's files are relative to (default: the jsonl's folder)")
-    ap.add_argument("--output", required=True, help="dataset folder to write (or resume)")
+    ap.add_argument("--output", required=True, type=output_dir, help="dataset folder to write (or resume)")
     ap.add_argument("--buckets", required=True, help="FxHxW,... pixel buckets; F = 4k+1 frames, 1 for images; H, W "
                                                      "multiples of 16, e.g. 17x128x128,17x128x224,1x128x128")
     ap.add_argument("--fps", type=positive_float, default=24, help="frame rate clips are sampled at (default 24)")

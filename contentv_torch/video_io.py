@@ -15,16 +15,22 @@ from contentv_common.weights import atomic_file
 
 
 def check_writable(path: str | Path) -> Path:
-    """Fail now (before any model loads) if `path` cannot be written: its folder is created if needed and a
-    probe file is created and removed there. Returns the path."""
+    """Fail now (before any model loads) if `path` cannot be written, creating nothing: a probe file is made and
+    removed in its folder, or, where that folder does not exist yet (the write makes it), the nearest existing
+    ancestor must be a writable folder. Returns the path."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"output {path} is a directory; give a file name such as {path / 'video.mp4'}")
+    existing = next(p for p in path.absolute().parents if p.exists())
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.stem}.probe-", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        if existing == path.absolute().parent:
+            fd, probe = tempfile.mkstemp(prefix=f".{path.stem}.probe-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"{existing} is not writable")
     except OSError as e:
         raise PermissionError(f"output {path} is not writable: {e}") from None
     return path

@@ -17,7 +17,7 @@ import torch
 from contentv_common.config import PRESETS, TransformerConfig, VAEConfig
 from contentv_common.weights import iter_tensors, save_sharded
 from convert import sd3_original, wan_original
-from convert.cli import main
+from convert.cli import cli, main
 from convert.export import convert
 from convert.formats import FORMATS, Source, detect, load_params, plan_flax
 from convert.keymap import flatten, torch_to_flax
@@ -73,7 +73,7 @@ def _torch_state(folder) -> dict[str, torch.Tensor]:
 
 def _run(capsys, *argv) -> tuple[int, str]:
     capsys.readouterr()  # drop what earlier calls printed
-    rc = main(["-q", *map(str, argv)])
+    rc = cli(["-q", *map(str, argv)])
     return rc, capsys.readouterr().err
 
 
@@ -360,7 +360,7 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
 
     torch.save({"encoder.conv1.weight": torch.zeros(1), "x": Evil()}, tmp_path / "evil.pth")
     rc, err = _run(capsys, "--to", "torch", tmp_path / "evil.pth", tmp_path / "out")
-    assert rc == 1 and "UnsafeCheckpointError" in err and "refused to unpickle" in err and "evil.pth" in err
+    assert rc == 1 and err.startswith("python -m convert: error: ") and "refused to unpickle" in err and "evil.pth" in err
     assert not marker.exists() and not (tmp_path / "out").exists()
     with pytest.raises(wan_original.UnsafeCheckpointError):
         convert(tmp_path / "evil.pth", tmp_path / "out", "jax")
@@ -390,7 +390,7 @@ def test_cli_errors_name_the_problem_and_leave_nothing(tmp_path, capsys):
     save_sharded(tmp_path / "broken", broken, config=TINY.to_diffusers_config())
     for to in ("torch", "jax"):
         rc, err = _run(capsys, "--to", to, tmp_path / "broken", tmp_path / "o")
-        assert rc == 1 and "KeyMismatchError" in err
+        assert rc == 1 and "missing" in err and "Traceback" not in err
         assert "transformer_blocks.1.attn.to_k.weight" in err and "extra.weight" in err
         assert "context_embedder.weight: (3, 3) != expected (32, 32)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty", "good", "notes.txt"]  # no half folder

@@ -173,11 +173,11 @@ def test_bucket_choice_frame_sampling_and_crop():
 
 def test_cli_errors_name_the_input(tiny_folder, media, tmp_path, capsys):  # noqa: F811
     base = ["--model", str(tiny_folder), "--captions", str(media / "clips.jsonl"), "--output", str(tmp_path / "o")]
-    assert ed.main(base + ["--buckets", "9x32x47"]) == 2
+    assert ed.cli(base + ["--buckets", "9x32x47"]) == 2
     assert "9x32x47" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"file": "a.mp4", "caption": "x"}\n{"file": "b.mp4"}\n')
-    assert ed.main(base[:2] + ["--captions", str(bad), "--output", str(tmp_path / "o"), "--buckets", BUCKETS]) == 2
+    assert ed.cli(base[:2] + ["--captions", str(bad), "--output", str(tmp_path / "o"), "--buckets", BUCKETS]) == 1
     assert "line 2" in capsys.readouterr().err
-    assert ed.main(["--model", str(tmp_path / "nomodel")] + base[2:] + ["--buckets", BUCKETS]) == 2
+    assert ed.cli(["--model", str(tmp_path / "nomodel")] + base[2:] + ["--buckets", BUCKETS]) == 1
     assert "nomodel" in capsys.readouterr().err

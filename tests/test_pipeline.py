@@ -202,7 +202,7 @@ def test_cli_writes_mp4_and_latents_round_trip(tiny_folder, tmp_path, pipe):
     ("output", PermissionError, "not writable"),
     ("model", FileNotFoundError, "model folder not found"),
     ("latents", ValueError, "does not match"),
-    ("latents-key", KeyError, "no tensor named 'latents'"),
+    ("latents-key", ValueError, "no tensor named 'latents'"),
     ("npu", ImportError, "torch_npu"),
 ])
 def test_cli_errors_before_loading(tiny_folder, tmp_path, monkeypatch, case, error, match):

@@ -92,7 +92,7 @@ def _dataset(path):
     (["--set", "optim.nope=1"], "optim.nope"),
 ])
 def test_bad_flags_fail_with_a_clear_message(argv, message, capsys):
-    assert T.main(argv) == 2
+    assert T.cli(argv) == 2
     assert message in capsys.readouterr().err
 
 
