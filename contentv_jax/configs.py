@@ -329,10 +329,6 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         if value not in (_MISSING, "", None) and not (field == "data.name" and value == "synthetic") \
                 and not Path(value).exists():
             raise UsageError(f"config field {field}={value!r}: no such file or folder")
-    weights = get("data.bucket_weights")
-    if len(weights) != len(config.data.buckets) or any(not _number(w) or w < 0 for w in weights) or not sum(weights):
-        raise UsageError(f"config field data.bucket_weights={list(weights)!r}: needs one weight >= 0 per bucket "
-                         f"({len(config.data.buckets)}), not all 0")
     window = get("rlhf.grad_window")
     if window is not _MISSING:
         lo, hi = window

@@ -391,8 +391,8 @@ def main(argv=None) -> int:
 
 
 def cli(argv=None) -> int:
-    """The command line: `main` behind the shared error boundary (bad flags, model folders, caption files and buckets raise ValueError naming them; a
-    missing torch_npu is an ImportError that says what to install)."""
+    """The command line: `main` behind the shared error boundary (bad model folders, caption files and buckets
+    raise ValueError naming them; a missing torch_npu is an ImportError that says what to install)."""
     return run_cli(PROG, main, argv, user_errors=(ValueError, ImportError))
 
 

@@ -106,8 +106,9 @@ def main(argv=None) -> list[Path]:
     # 1. Everything that can be wrong is checked before any weight is read.
     info = read_model_info(args.model)
     p = info.preset
-    frames, height, width = (p_default if v is None else v for v, p_default in
-                             ((args.frames, p.frames), (args.height, p.height), (args.width, p.width)))
+    frames = p.frames if args.frames is None else args.frames
+    height = p.height if args.height is None else args.height
+    width = p.width if args.width is None else args.width
     latents = None
     n = args.num_videos
     if args.latents_in:
@@ -125,9 +126,9 @@ def main(argv=None) -> list[Path]:
                          f"= [B, z, (frames-1)/4+1, height/8, width/8] for --frames {frames} --height {height} "
                          f"--width {width}")
     guidance = p.guidance_scale if args.guidance is None else args.guidance
+    act_bytes = 4 if DTYPES[args.dtype] == torch.float32 else 2  # auto: bf16 on accelerators (the lower bound)
     needed = preflight.generate_bytes(info.transformer, info.vae, shape, frames, height, width,
-                                      p.text.context_tokens, guidance > 1, 2 if args.dtype in ("bf16", "bfloat16",
-                                                                                               "fp16", "float16") else 4)
+                                      p.text.context_tokens, guidance > 1, act_bytes)
     preflight.check_fits(f"--frames {frames} --height {height} --width {width} x {n} video(s)", needed,
                          *free_memory(args.device))
     outputs = video_paths(args.output, n)
@@ -166,8 +167,8 @@ def main(argv=None) -> list[Path]:
 
 
 def cli(argv=None) -> int:
-    """The command line: `main` behind the shared error boundary (bad flags, model folders, latents files and sizes raise ValueError naming them; a
-    missing torch_npu is an ImportError that says what to install)."""
+    """The command line: `main` behind the shared error boundary (bad model folders, latents files and sizes
+    raise ValueError naming them; a missing torch_npu is an ImportError that says what to install)."""
     return run_cli(PROG, main, argv, user_errors=(ValueError, ImportError))
 
 
