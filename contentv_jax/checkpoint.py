@@ -8,9 +8,8 @@ keeps its previous checkpoint.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import argparse
+from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
@@ -123,8 +122,8 @@ def check_resume(checkpoint_dir: str | Path | None, resume: str) -> None:
 
 def check_state_matches(item: Path, abstract_state) -> None:
     """Compare the state a checkpoint recorded (tree paths, shapes, dtypes, from orbax's metadata only) with the
-    one this run builds (its preset, buckets-independent shapes and optimizer structure); the first difference
-    raises a UserError naming it, instead of a failure deep inside orbax's restore."""
+    one this run builds (the model preset's parameter shapes, the optimizer's state structure); the first
+    difference raises a UserError naming it, instead of a failure deep inside orbax's restore."""
     saved = ocp.tree.to_flat_dict(ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree)
     wanted = ocp.tree.to_flat_dict(abstract_state)
     hint = "the checkpoint was written by a run of another --config (model, optimizer); use its --config or " \

@@ -300,3 +300,24 @@ def test_subprocess_end_to_end(case, ws, tmp_path):
                           text=True, timeout=120)
     _check_answer(cli, proc.returncode, proc.stderr, rc, want, out)
     assert time.perf_counter() - t0 < 60
+
+
+def test_checkpoint_state_comparison_names_the_first_difference(tmp_path):
+    import jax
+
+    from contentv_common.cli import UserError
+    from contentv_jax.checkpoint import Checkpointer, check_state_matches
+
+    ckpt = Checkpointer(tmp_path / "ck", every=1)
+    assert not (tmp_path / "ck").exists()  # made at the first save only
+    ckpt.save(1, {"params": {"w": np.zeros((2, 3), np.float32)}, "opt": [np.zeros(3, np.float32)]}, {}, force=True)
+    ckpt.close()
+    item = tmp_path / "ck" / "1" / "state"
+    spec = lambda *shape, dtype=np.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    check_state_matches(item, {"params": {"w": spec(2, 3)}, "opt": [spec(3)]})
+    with pytest.raises(UserError, match=r"params/w is float32\[2, 3\] in the checkpoint, float32\[2, 4\] in this run"):
+        check_state_matches(item, {"params": {"w": spec(2, 4)}, "opt": [spec(3)]})
+    with pytest.raises(UserError, match=r"opt/0 is float32\[3\] in the checkpoint, bfloat16\[3\]"):
+        check_state_matches(item, {"params": {"w": spec(2, 3)}, "opt": [spec(3, dtype=jax.numpy.bfloat16)]})
+    with pytest.raises(UserError, match="state entry opt/1 is only in this run"):
+        check_state_matches(item, {"params": {"w": spec(2, 3)}, "opt": [spec(3), spec(1)]})
