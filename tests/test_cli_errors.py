@@ -321,3 +321,12 @@ def test_checkpoint_state_comparison_names_the_first_difference(tmp_path):
         check_state_matches(item, {"params": {"w": spec(2, 3)}, "opt": [spec(3, dtype=jax.numpy.bfloat16)]})
     with pytest.raises(UserError, match="state entry opt/1 is only in this run"):
         check_state_matches(item, {"params": {"w": spec(2, 3)}, "opt": [spec(3), spec(1)]})
+
+
+def test_every_shipped_config_passes_validation():
+    from contentv_jax import configs
+
+    for model in ("tiny", "small", "contentv-8b"):
+        for stage in configs.STAGES:
+            configs.validate_config(configs.get_config(f"{model}/{stage}"))
+        configs.validate_config(rlhf.get_config(model))
