@@ -69,7 +69,8 @@ class Settings:
     clips_per_caption: int
     vae_steps: int
     vae_batch: int
-    vae_frames: int  # training windows of the clips (4k+1 frames; 5 = the first chunk + one cached chunk)
+    vae_frames: int  # training windows of the clips (4k+1 frames; 9 = the first chunk + two cached chunks, the
+    # fewest that train the decoder's temporal-upsample taps on a real cache: with 5 they stay at init -> blue drift)
     vae_lr: float
     kl_weight: float
     dit_steps: int
@@ -83,8 +84,8 @@ class Settings:
 
     @staticmethod
     def full() -> Settings:
-        return Settings(clips_per_caption=12, vae_steps=600, vae_batch=4, vae_frames=5, vae_lr=5e-4, kl_weight=1e-6, dit_steps=16000,
-                        dit_lr=1e-3, caption_dropout=0.1, sample_steps=16, guidance=4.0, videos_per_prompt=2, prompts=0,
+        return Settings(clips_per_caption=12, vae_steps=600, vae_batch=4, vae_frames=9, vae_lr=5e-4, kl_weight=1e-6, dit_steps=16000,
+                        dit_lr=1e-3, caption_dropout=0.1, sample_steps=16, guidance=4.0, videos_per_prompt=8, prompts=0,
                         seen_prompts=6)
 
     @staticmethod
