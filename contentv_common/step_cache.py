@@ -122,7 +122,7 @@ def skip_rule(policy: CachePolicy, state, signal, forced, xp=np):
     magcache the step's magnitude ratio, fbcache block 0's residual change; forced: a bool (or traced bool)."""
     err, ratio, skips = state
     if policy.name == "teacache":
-        err = err + rescale(policy.coefficients, signal)
+        err = err + abs(rescale(policy.coefficients, signal))  # a distance: a fitted polynomial may dip below 0
     elif policy.name == "magcache":
         ratio = ratio * signal
         err = err + abs(1.0 - ratio)

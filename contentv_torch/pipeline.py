@@ -301,7 +301,7 @@ class ContentVPipeline:
         output_type: str = "np",
         progress: bool = True,
         sigma_grid: str = "contentv",
-        cache: str = "none",
+        cache="none",
         cache_threshold: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         cfg_truncation: float | None = None,
@@ -311,8 +311,9 @@ class ContentVPipeline:
         latents: initial noise [B, z, T, h, w] with B = len(prompts) * num_videos_per_prompt (else drawn from
         `generator` / `seed`); output_type "np" (decoded frames) or "latent" (skip the VAE);
         sigma_grid: "contentv" (the released pipeline's) or "sd3" (see `flow_match_sigmas`).
-        cache / cache_threshold: a step-cache policy of `contentv_common.step_cache` (its default threshold when
-        None; calibration from the folder's step_cache.json); guidance_interval (start, end): CFG only for sigmas
+        cache / cache_threshold: a step-cache policy name of `contentv_common.step_cache` (its default threshold
+        when None; calibration from the folder's step_cache.json), or a `contentv_torch.step_cache.StepCache` to
+        use as it is (calibration records through one); guidance_interval (start, end): CFG only for sigmas
         inside it; cfg_truncation f: no uncond pass after the first f of the steps.
         All sizes are checked before any model runs.
         """
@@ -330,7 +331,8 @@ class ContentVPipeline:
                              f"x {num_videos_per_prompt} video(s) of {frames} frames at {height}x{width}")
         sigmas = flow_match_sigmas(steps, self.info.shift, self.info.num_train_timesteps, grid=sigma_grid)
         guided = guided_steps(sigmas, guidance, guidance_interval, cfg_truncation)
-        policy = make_policy(cache, cache_threshold, read_calibration(self.info.folder) if cache != "none" else None)
+        if isinstance(cache, str):
+            cache = make_policy(cache, cache_threshold, read_calibration(self.info.folder) if cache != "none" else None)
 
         with self._on_device(self.text_encoders):
             emb = self.text_encoders.encode(prompts, negative_prompt, num_videos_per_prompt,
@@ -340,10 +342,12 @@ class ContentVPipeline:
         if self.parallel is not None:
             x = self.parallel.broadcast(x)  # every rank denoises rank 0's noise, whatever the seeds
         step_cache = None
-        if policy.active:
+        if not hasattr(cache, "policy") and cache.active:  # a policy (not a ready StepCache, as calibration passes)
             from contentv_torch.step_cache import StepCache
 
-            step_cache = StepCache(policy, steps, group=None if self.parallel is None else self.parallel.sp_group)
+            step_cache = StepCache(cache, steps, group=None if self.parallel is None else self.parallel.sp_group)
+        elif hasattr(cache, "policy"):
+            step_cache = cache
         with self._on_device(self.transformer):
             self.transformer.step_cache = step_cache
             try:
