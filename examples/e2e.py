@@ -294,16 +294,18 @@ def check(out: Path, done: dict, clips: Path, settings: Settings, timings: dict)
               "models": {}}
     def accuracies(rows):
         return {f"{k}_accuracy": float(np.mean([r[k] for r in rows])) if rows else None
-                for k in ("colour", "direction", "both")}
+                for k in ("colour", "direction", "both", "last_frame_colour")}
 
     for name, rows in done.items():
         per = []
         for cap, paths in rows:
             for p in paths:
-                a = shapes.analyse(read_mp4(p)[0])
+                frames = read_mp4(p)[0]
+                a = shapes.analyse(frames)
+                last = shapes.analyse(frames[-1:]).colour  # the drift check: the last frame's own colour
                 per.append({"prompt": cap.text, "video": str(p.relative_to(out)), "colour": a.colour,
                             "direction": a.direction, "shift": a.shift, "foreground": a.foreground,
-                            **shapes.score(cap, a)})
+                            **shapes.score(cap, a), "last_frame_colour": last == cap.colour})
         held = [r for r in per if by_text[r["prompt"]].heldout]
         seen = [r for r in per if not by_text[r["prompt"]].heldout]
         report["models"][name] = {  # the top-level accuracies are the held-out prompts'
@@ -317,7 +319,8 @@ def check(out: Path, done: dict, clips: Path, settings: Settings, timings: dict)
     def fmt(m):
         if not m["videos"]:
             return "-"
-        return f"colour {m['colour_accuracy']:.0%} direction {m['direction_accuracy']:.0%} both {m['both_accuracy']:.0%}"
+        return (f"colour {m['colour_accuracy']:.0%} direction {m['direction_accuracy']:.0%} both {m['both_accuracy']:.0%}"
+                f" last-frame colour {m['last_frame_colour_accuracy']:.0%}")
 
     parts = [f"{n}: held-out {fmt(m)} | seen {fmt(m['seen'])}" for n, m in report["models"].items()]
     _summary("7/7 check", f"{'; '.join(parts)} (analyser on training clips {report['analyser_accuracy_on_training_clips']:.0%}, "
