@@ -24,7 +24,7 @@ import torch
 from benchmarks.common import machine_info, rel_err, write_json, write_text
 from benchmarks.vae_tiling import psnr
 from contentv_common.cli import UsageError, run_cli
-from contentv_common.step_cache import POLICIES, check_truncation
+from contentv_common.step_cache import POLICIES, CachePolicy, check_truncation
 from examples import shapes
 
 FRAMES, HEIGHT, WIDTH = 9, 32, 48  # the demo's clip size
@@ -40,6 +40,8 @@ def parse_config(text: str) -> dict:
             check_truncation(float(value))
             return {"cfg_truncation": float(value)}
         if name in POLICIES and (name == "none") == (value == ""):
+            if name != "none":
+                CachePolicy("teacache", float(value))  # checks the threshold (magcache's ratios come later)
             return {} if name == "none" else {"cache": name, "cache_threshold": float(value)}
     except ValueError as e:
         raise UsageError(f"--configs {text!r}: {e}") from None
@@ -146,6 +148,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         for r in rows:
             ax.scatter(r["speedup"], r[key], color=COLOURS[r["config"].split(":")[0]])
             ax.annotate(r["config"], (r["speedup"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if key == "both":
+            ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("wall-time speed-up vs --cache none")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
