@@ -18,16 +18,19 @@ import numpy as np
 from contentv_common.config import ModelPreset
 from contentv_common.latents import denormalize_latents
 from contentv_common.schedule import NUM_TRAIN_TIMESTEPS, flow_match_sigmas
+from contentv_common.step_cache import CachePolicy, skip_rule
 
 
 def euler_sample(apply_fn: Callable, params, noise: jax.Array, context: jax.Array, pooled: jax.Array,
                  neg_context: jax.Array | None, neg_pooled: jax.Array | None, sigmas: jax.Array,
-                 guidance: float) -> jax.Array:
+                 guidance: float, cache: CachePolicy | None = None):
     """Denoise `noise` from sigmas[0] to sigmas[-1].
 
     apply_fn(params, x [N,T,h,w,C], t [N] in [0, 1000], context [N,L,J], pooled [N,P]) -> v [N,T,h,w,C];
     noise [B,T,h,w,C]; context [B,L,J], pooled [B,P]; neg_*: same shapes (needed when guidance > 1);
     sigmas [steps + 1]; guidance: static Python float. Returns latents [B,T,h,w,C] float32 (normalised space).
+    cache: an active step-cache policy (`contentv_common.step_cache`, static) -> returns (latents, branch passes
+    through the blocks); apply_fn then also takes `residual=` and `mode=` (the DiT's step-cache modes).
     """
     cfg = guidance > 1.0
     if cfg and (neg_context is None or neg_pooled is None):
@@ -35,6 +38,8 @@ def euler_sample(apply_fn: Callable, params, noise: jax.Array, context: jax.Arra
     b = noise.shape[0]
     if context.shape[0] != b or pooled.shape[0] != b:
         raise ValueError(f"noise batch {b} != context batch {context.shape[0]} / pooled {pooled.shape[0]}")
+    if cache is not None and cache.active:
+        return _cached_euler(apply_fn, params, noise, context, pooled, neg_context, neg_pooled, sigmas, guidance, cache)
     ctx = jnp.concatenate([neg_context, context]) if cfg else context
     pool = jnp.concatenate([neg_pooled, pooled]) if cfg else pooled
     sigmas = jnp.asarray(sigmas, jnp.float32)
@@ -53,13 +58,62 @@ def euler_sample(apply_fn: Callable, params, noise: jax.Array, context: jax.Arra
     return x
 
 
-def make_sampler(model, guidance: float) -> Callable:
-    """jit(params, noise, context, pooled, neg_context, neg_pooled, sigmas) -> latents for a linen DiT."""
+def _cached_euler(apply_fn, params, noise, context, pooled, neg_context, neg_pooled, sigmas, guidance,
+                  policy: CachePolicy):
+    """euler_sample with a step cache: each branch (uncond, cond) runs alone and keeps its own rule state, probe
+    and residual; `lax.cond` runs the blocks only where `skip_rule` (the torch pipeline's rule) says compute."""
+    if policy.name == "fbcache":
+        raise ValueError("--cache fbcache: the JAX sampler runs its scanned blocks as one; use teacache or magcache")
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    n = sigmas.shape[0] - 1
+    names = ("uncond", "cond") if guidance > 1.0 else ("cond",)
+    conds = {"uncond": (neg_context, neg_pooled), "cond": (context, pooled)}
+    x0 = noise.astype(jnp.float32)
+    t0 = jnp.zeros((b := x0.shape[0],), jnp.float32)
+    res_shape = jax.eval_shape(lambda: apply_fn(params, x0, t0, context, pooled, mode="compute")[1])
+    zeros = jnp.zeros(res_shape.shape, res_shape.dtype)
+    init = {k: ((jnp.float32(0), jnp.float32(1), jnp.int32(0)), zeros, zeros) for k in names}
+    forced = jnp.asarray([policy.forced(i, n) for i in range(n)])
+    ratios = {k: jnp.asarray([policy.ratio(k, i, n) if policy.name == "magcache" else 1.0 for i in range(n)],
+                             jnp.float32) for k in names}
 
-    def apply_fn(params, x, t, c, p):
-        return model.apply({"params": params}, x, t, c, p)
+    def step(carry, xs):
+        x, branch, evals = carry
+        i, s, s_next = xs
+        t = jnp.full((b,), s * NUM_TRAIN_TIMESTEPS, jnp.float32)
+        vs, new = [], {}
+        for k in names:
+            ctx, pool = conds[k]
+            rule, prev, residual = branch[k]
+            if policy.name == "teacache":
+                probe = apply_fn(params, x, t, ctx, pool, mode="probe")
+                signal = jnp.sum(jnp.abs(probe - prev)) / jnp.maximum(jnp.sum(jnp.abs(prev)), 1e-30)
+                prev = probe
+            else:
+                signal = ratios[k][i]
+            compute, rule = skip_rule(policy, rule, signal, forced[i], xp=jnp)
+            v, residual = jax.lax.cond(
+                compute, lambda: apply_fn(params, x, t, ctx, pool, mode="compute"),
+                lambda: (apply_fn(params, x, t, ctx, pool, residual=residual, mode="reuse"), residual))
+            vs.append(v.astype(jnp.float32))
+            new[k] = ((rule[0].astype(jnp.float32), rule[1].astype(jnp.float32), rule[2].astype(jnp.int32)),
+                      prev, residual)
+            evals = evals + compute.astype(jnp.int32)
+        v = vs[0] + guidance * (vs[1] - vs[0]) if len(vs) == 2 else vs[0]
+        return (x + (s_next - s) * v, new, evals), None
 
-    return jax.jit(lambda params, noise, c, p, nc, npool, sigmas: euler_sample(apply_fn, params, noise, c, p, nc, npool, sigmas, guidance))
+    (x, _, evals), _ = jax.lax.scan(step, (x0, init, jnp.int32(0)), (jnp.arange(n), sigmas[:-1], sigmas[1:]))
+    return x, evals
+
+
+def make_sampler(model, guidance: float, cache: CachePolicy | None = None) -> Callable:
+    """jit(params, noise, context, pooled, neg_context, neg_pooled, sigmas) -> latents for a linen DiT
+    (with an active step-cache policy: (latents, branch passes through the blocks))."""
+
+    def apply_fn(params, x, t, c, p, **kw):
+        return model.apply({"params": params}, x, t, c, p, **kw)
+
+    return jax.jit(lambda params, noise, c, p, nc, npool, sigmas: euler_sample(apply_fn, params, noise, c, p, nc, npool, sigmas, guidance, cache))
 
 
 def to_uint8(video: jax.Array) -> np.ndarray:

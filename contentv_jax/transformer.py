@@ -367,8 +367,20 @@ class ContentVTransformer(nn.Module):
         )
         return scanned(self.config, False, self.dtype, self.param_dtype, self.attention_impl, name=name)
 
+    def _block0_modulated(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+        """Block 0's adaLN-modulated video input (TeaCache's signal), from its params (stacked under the scan)."""
+        stacked = self.config.num_layers > 1
+        lin = nn.meta.unbox(self.variables["params"]["transformer_blocks" if stacked else "last_block"]["norm1"]["linear"])
+        k, b = (lin["kernel"][0], lin["bias"][0]) if stacked else (lin["kernel"], lin["bias"])
+        shift, scale = jnp.split(nn.silu(temb) @ k.astype(temb.dtype) + b.astype(temb.dtype), 6, axis=-1)[:2]
+        return modulate(layer_norm(x), shift, scale)
+
     @nn.compact
-    def __call__(self, latents: jax.Array, timestep: jax.Array, context: jax.Array, pooled: jax.Array) -> jax.Array:
+    def __call__(self, latents: jax.Array, timestep: jax.Array, context: jax.Array, pooled: jax.Array,
+                 residual: jax.Array | None = None, mode: str = "full"):
+        """mode (a step cache's, static): "full" -> velocity; "probe" -> block 0's modulated input [B, N, D] (no
+        blocks run); "compute" -> (velocity, residual = blocks' output - input tokens [B, N, D]); "reuse" -> the
+        velocity with `residual` in place of the blocks."""
         self._check_inputs(latents, timestep, context, pooled)
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         d, p, co = cfg.inner_dim, cfg.patch_size, cfg.out_channels
@@ -382,15 +394,23 @@ class ContentVTransformer(nn.Module):
         c = _dense(d, ("joint", "embed"), dt, pdt, "context_embedder")(context.astype(dt))  # [B, L, D]
         c = constrain(c, ("batch", None, "act_embed"))
 
-        carry = (x, c)
-        if cfg.num_layers > 1:
-            carry, _ = self._block(False, "transformer_blocks")(carry, temb)
-        (x, _), _ = self._block(True, "last_block")(carry, temb)
+        if mode == "probe":
+            return self._block0_modulated(x, temb)
+        x_in = x
+        if mode == "reuse":
+            x = x + residual.astype(x.dtype)
+        else:
+            carry = (x, c)
+            if cfg.num_layers > 1:
+                carry, _ = self._block(False, "transformer_blocks")(carry, temb)
+            (x, _), _ = self._block(True, "last_block")(carry, temb)
+        residual = x - x_in
 
         x = AdaLayerNormContinuous(d, dt, pdt, name="norm_out")(x, temb)
         x = _dense(p * p * co, ("embed", "conv_out"), dt, pdt, "proj_out")(x)  # [B, N, p*p*C_out], (p, q, c)
         x = x.reshape(b, t, h, w, p, p, co).transpose(0, 1, 2, 4, 3, 5, 6)  # [B, T, h, p, w, q, C_out]
-        return x.reshape(b, t, hh, ww, co)
+        x = x.reshape(b, t, hh, ww, co)
+        return (x, residual) if mode == "compute" else x
 
 
 def count_params(params) -> int:

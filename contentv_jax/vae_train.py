@@ -6,8 +6,9 @@
         loss = mean((recon - video)^2) + kl_weight * KL(q(z|x) || N(0, 1)) summed over z channels, averaged
         over (B, T, h, w) latent positions.
     VAETrainer(config, lr=1e-3, kl_weight=1e-6, seed=0, sample=True, compiler_options=None): .params (plain tree),
-        .step(video) -> metrics (floats). Any 4k+1 frames train every part of the causal chunked path; 5-frame
-        windows (the first chunk + one cached chunk) are the cheapest that do.
+        .step(video) -> metrics (floats). Windows of 9 frames (the first chunk + two cached chunks) are the
+        shortest that train every part of the causal chunked path: with 5, the decoder's temporal upsamples only
+        ever see a zero cache, so their oldest cache tap stays at its random init (tests/test_e2e.py).
     latent_stats(config, params, videos [N, F, H, W, 3], batch) -> (mean [z], std [z]) of the posterior means:
         the per-channel `latents_mean` / `latents_std` a trained VAE's config needs, so that normalised latents
         ((z - mean) / std) are about unit variance for the DiT.

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from contentv_common import preflight
-from contentv_common.cli import (add_debug_flag, guidance_scale, nonneg_int, positive_float, positive_int,
-                                  run_cli)
+from contentv_common.cli import (UsageError, add_debug_flag, guidance_scale, nonneg_int, positive_float,
+                                  positive_int, run_cli)
 from contentv_common.schedule import SIGMA_GRIDS
+from contentv_common.step_cache import POLICIES, check_truncation, make_policy, parse_interval, read_calibration
 from contentv_torch.pipeline import ContentVPipeline, free_memory, read_model_info
 from contentv_torch.video_io import check_writable, write_mp4
 
@@ -62,9 +63,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sp", type=positive_int, default=None, help="Ulysses sequence-parallel degree (under torchrun; default: "
                                                          "world size / cfg degree)")
     ap.add_argument("--cfg-parallel", action="store_true", help="cond and uncond on two rank groups (under torchrun)")
+    ap.add_argument("--cache", default="none", choices=POLICIES,
+                    help="step cache: skip the DiT's blocks where they would change little (none: exact)")
+    ap.add_argument("--cache-threshold", type=float,
+                    help="the policy's skip threshold (>= 0; default: teacache 0.1, magcache 0.12, fbcache 0.08)")
+    ap.add_argument("--guidance-interval", metavar="START,END",
+                    help="apply CFG only for sigmas in [START, END] (0 <= START <= END <= 1)")
+    ap.add_argument("--cfg-truncation", type=float, metavar="F",
+                    help="drop the uncond pass after the first fraction F of the steps (0..1)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     add_debug_flag(ap)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    try:  # our own flags' values, each error naming its flag
+        args.guidance_interval = parse_interval(args.guidance_interval) if args.guidance_interval else None
+        if args.cfg_truncation is not None:
+            check_truncation(args.cfg_truncation)
+        if args.cache != "none":
+            make_policy(args.cache, args.cache_threshold, read_calibration(args.model) if args.cache == "magcache"
+                        and Path(args.model).is_dir() else None)
+        elif args.cache_threshold is not None:
+            raise ValueError("--cache-threshold needs a --cache policy other than none")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return args
 
 
 def load_latents(path: str | Path) -> torch.Tensor:
@@ -152,7 +173,9 @@ def main(argv=None) -> list[Path]:
     # 3. Sample (every rank), decode and write (rank 0).
     out = pipe(args.prompt, args.negative_prompt, frames=frames, height=height, width=width, steps=args.steps,
                guidance=args.guidance, seed=args.seed, latents=latents, num_videos_per_prompt=n,
-               output_type="np" if rank0 else "latent", progress=not args.quiet, sigma_grid=args.sigma_grid)
+               output_type="np" if rank0 else "latent", progress=not args.quiet, sigma_grid=args.sigma_grid,
+               cache=args.cache, cache_threshold=args.cache_threshold, guidance_interval=args.guidance_interval,
+               cfg_truncation=args.cfg_truncation)
     written: list[Path] = []
     if rank0:
         if args.latents_out:

@@ -14,6 +14,7 @@ result equals one device's up to summation order.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -192,13 +193,23 @@ class ParallelTransformer(torch.nn.Module):
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
         st = self.state
         inputs = (hidden_states, encoder_hidden_states, pooled_projections, timestep)
-        if st.cfg > 1:
-            if hidden_states.shape[0] % st.cfg:
-                raise ValueError(f"CFG parallelism splits the batch in {st.cfg}; got batch {hidden_states.shape[0]}")
+        if st.cfg == 1:
+            return self._sp_forward(*inputs)
+        cache = self.transformer.step_cache
+        if (len(cache.branches) == st.cfg) if cache is not None else hidden_states.shape[0] % st.cfg == 0:
             inputs = tuple(t.chunk(st.cfg)[st.cfg_rank] for t in inputs)
-        out = self._sp_forward(*inputs)
-        if st.cfg > 1:
-            out = _all_gather(out, st.cfg_group, st.cfg, dim=0)
+            with cache.local(st.cfg_rank) if cache is not None else contextlib.nullcontext():
+                out = self._sp_forward(*inputs)
+            return _all_gather(out, st.cfg_group, st.cfg, dim=0)
+        # One branch (a step outside the guidance schedule): the last cfg group (the cond one, whose step cache
+        # state it is) computes it and sends it to the others, so every rank holds the same velocity.
+        last = st.cfg - 1
+        if st.cfg_rank == last:
+            out = self._sp_forward(*inputs).contiguous()
+        else:
+            b, _, t, h, w = hidden_states.shape
+            out = hidden_states.new_empty((b, self.transformer.config.out_channels, t, h, w))
+        dist.broadcast(out, src=last * st.sp + st.sp_rank, group=st.cfg_group)
         return out
 
     def _sp_forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):

@@ -24,6 +24,7 @@ from contentv_common import preflight
 from contentv_common.config import ModelPreset, TransformerConfig, VAEConfig, get_preset, read_json
 from contentv_common.latents import denormalize_latents
 from contentv_common.schedule import NUM_TRAIN_TIMESTEPS, flow_match_sigmas
+from contentv_common.step_cache import guided_steps, make_policy, read_calibration
 from contentv_common.weights import weight_index
 
 SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
@@ -167,6 +168,8 @@ def denoise(
     sigmas,
     guidance: float,
     progress: bool = True,
+    guided=None,
+    cache=None,
 ) -> torch.Tensor:
     """Flow-matching Euler sampling with classifier-free guidance.
 
@@ -177,6 +180,9 @@ def denoise(
     prompt_embeds [B, L, D_ctx], pooled [B, P]; neg_*: the same shapes, or None for no guidance;
     sigmas: [steps + 1] from 1 down to 0 (`flow_match_sigmas`); guidance: CFG scale (> 1 guides, like diffusers).
     With guidance, [uncond; cond] run as one batch of 2B; v = v_u + g (v_c - v_u); x += (s_next - s) v.
+    guided: [steps] bools, where CFG runs (`contentv_common.step_cache.guided_steps`; None: every step); at the
+    other steps only the cond pass runs and v = v_c. cache: a `contentv_torch.step_cache.StepCache` installed on
+    the DiT (told each step which branches the batch holds).
     Returns the final latents [B, C, T, h, w] fp32 (normalised DiT space, not yet de-normalised).
     """
     cfg = guidance > 1.0
@@ -192,10 +198,16 @@ def denoise(
     timesteps = sigmas[:-1] * NUM_TRAIN_TIMESTEPS  # float32, as diffusers' scheduler.timesteps
     x = latents.float()
     for i in tqdm(range(len(timesteps)), desc="denoise", disable=not progress):
-        x_in = torch.cat([x, x]) if cfg else x
+        guide = cfg and (guided is None or bool(guided[i]))
+        if cache is not None:
+            cache.begin_step(i, ("uncond", "cond") if guide else ("cond",))
+        x_in = torch.cat([x, x]) if guide else x
         t = timesteps[i].to(x.device).expand(x_in.shape[0])
-        v = transformer(x_in, ctx, pool, t).float()
-        if cfg:
+        if guide or not cfg:
+            v = transformer(x_in, ctx, pool, t).float()
+        else:  # outside the guidance schedule: the cond pass alone
+            v = transformer(x_in, prompt_embeds, pooled, t).float()
+        if guide:
             v_u, v_c = v.chunk(2)
             v = v_u + guidance * (v_c - v_u)
         x = x + (sigmas[i + 1] - sigmas[i]).item() * v
@@ -211,10 +223,12 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 @dataclass
 class ContentVOutput:
     """frames: [B, F, H, W, 3] uint8 (None for output_type="latent");
-    latents: final latents [B, z, T, h, w] fp32 on the CPU, in the DiT's normalised space (before the VAE)."""
+    latents: final latents [B, z, T, h, w] fp32 on the CPU, in the DiT's normalised space (before the VAE);
+    dit_evaluations: branch passes through the DiT's blocks in this process (CFG, no cache: 2 per step)."""
 
     frames: np.ndarray | None
     latents: torch.Tensor
+    dit_evaluations: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,12 +318,20 @@ class ContentVPipeline:
         output_type: str = "np",
         progress: bool = True,
         sigma_grid: str = "contentv",
+        cache="none",
+        cache_threshold: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        cfg_truncation: float | None = None,
     ) -> ContentVOutput:
         """Sample videos. None takes the model's default (432x768, 125 frames, 50 steps, CFG 6.0 for ContentV-8B).
 
         latents: initial noise [B, z, T, h, w] with B = len(prompts) * num_videos_per_prompt (else drawn from
         `generator` / `seed`); output_type "np" (decoded frames) or "latent" (skip the VAE);
         sigma_grid: "contentv" (the released pipeline's) or "sd3" (see `flow_match_sigmas`).
+        cache / cache_threshold: a step-cache policy name of `contentv_common.step_cache` (its default threshold
+        when None; calibration from the folder's step_cache.json), or a `contentv_torch.step_cache.StepCache` to
+        use as it is (calibration records through one); guidance_interval (start, end): CFG only for sigmas
+        inside it; cfg_truncation f: no uncond pass after the first f of the steps.
         All sizes are checked before any model runs.
         """
         p = self.info.preset
@@ -325,6 +347,9 @@ class ContentVPipeline:
                              f"{len(prompts)} prompt(s) "
                              f"x {num_videos_per_prompt} video(s) of {frames} frames at {height}x{width}")
         sigmas = flow_match_sigmas(steps, self.info.shift, self.info.num_train_timesteps, grid=sigma_grid)
+        guided = guided_steps(sigmas, guidance, guidance_interval, cfg_truncation)
+        if isinstance(cache, str):
+            cache = make_policy(cache, cache_threshold, read_calibration(self.info.folder) if cache != "none" else None)
 
         with self._on_device(self.text_encoders):
             emb = self.text_encoders.encode(prompts, negative_prompt, num_videos_per_prompt,
@@ -333,12 +358,25 @@ class ContentVPipeline:
         x = self.prepare_latents(shape, seed, generator) if latents is None else latents.to(self.device, torch.float32)
         if self.parallel is not None:
             x = self.parallel.broadcast(x)  # every rank denoises rank 0's noise, whatever the seeds
+        step_cache = None
+        if not hasattr(cache, "policy") and cache.active:  # a policy (not a ready StepCache, as calibration passes)
+            from contentv_torch.step_cache import StepCache
+
+            step_cache = StepCache(cache, steps, group=None if self.parallel is None else self.parallel.sp_group)
+        elif hasattr(cache, "policy"):
+            step_cache = cache
         with self._on_device(self.transformer):
-            x = denoise(self._dit, x, emb.prompt_embeds, emb.pooled, emb.negative_embeds, emb.negative_pooled,
-                        sigmas, guidance, progress=progress and (self.parallel is None or self.parallel.rank == 0))
+            self.transformer.step_cache = step_cache
+            try:
+                x = denoise(self._dit, x, emb.prompt_embeds, emb.pooled, emb.negative_embeds, emb.negative_pooled,
+                            sigmas, guidance, progress=progress and (self.parallel is None or self.parallel.rank == 0),
+                            guided=guided, cache=step_cache)
+            finally:
+                self.transformer.step_cache = None
+        evals = step_cache.evaluations if step_cache else int(sum(2 if g else 1 for g in guided))
         if output_type == "latent":
-            return ContentVOutput(None, x.cpu())
-        return ContentVOutput(self.decode(x, progress=progress), x.cpu())
+            return ContentVOutput(None, x.cpu(), evals)
+        return ContentVOutput(self.decode(x, progress=progress), x.cpu(), evals)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, progress: bool = False) -> np.ndarray:

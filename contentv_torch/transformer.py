@@ -265,6 +265,7 @@ class ContentVTransformer3DModel(nn.Module, PretrainedMixin):
         self.proj_out = nn.Linear(d, config.patch_size**2 * config.out_channels)
         self.attention_backend: str | AttentionFn | None = None
         self.gradient_checkpointing = False
+        self.step_cache = None  # a contentv_torch.step_cache.StepCache while a pipeline samples with one
 
     def set_attention_backend(self, name_or_callable: str | AttentionFn | None) -> None:
         """A backend name ("sdpa", "npu"), a callable fn(q, k, v) -> out on [B, heads, S, head_dim], or None
@@ -307,6 +308,8 @@ class ContentVTransformer3DModel(nn.Module, PretrainedMixin):
     def blocks_forward(self, x: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """x [B, N, D], ctx [B, L, D], temb [B, D] -> x [B, N, D] after all joint blocks."""
         attn_fn = get_attention_backend(self.attention_backend or default_backend_for(x.device))
+        if self.step_cache is not None:  # it may reuse a cached residual instead of running the blocks
+            return self.step_cache.blocks(self, x, ctx, temb, attn_fn)
         remat = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer_blocks:
             if remat:

@@ -102,3 +102,36 @@ def test_e2e_rejects_unknown_setting(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "examples.e2e", "--quick", "--out", str(tmp_path), "--set", "steps=3"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "steps=3" in proc.stderr and "dit_steps" in proc.stderr
+
+
+def test_vae_windows_of_5_frames_leave_the_upsample_cache_taps_untrained():
+    """The demo's last-latent-frame drift: its VAE was trained on 5-frame windows (2 latent frames). The decoder's
+    temporal upsamples run no time conv on latent frame 0 and start frame 1 from a zero cache, so the tap that only
+    ever sees the previous chunk (tap 0 of each causal time conv) gets exactly zero gradient; only a 3rd latent frame
+    (9-frame windows, what e2e trains on now) trains it. Left at its random init, it corrupts every latent frame
+    after the 2nd when 9 frames are decoded."""
+    import jax
+    import jax.numpy as jnp
+
+    from contentv_common.config import get_preset
+    from contentv_jax.vae import WanVAE, init_params
+    from contentv_jax.vae_train import loss_fn
+    from examples.e2e import Settings
+    import flax.linen as nn
+
+    assert Settings.full().vae_frames == 9
+    cfg = get_preset("tiny").vae
+    params = nn.meta.unbox(init_params(cfg, jax.random.key(0)))["params"]
+    model = WanVAE(cfg)
+    rng = np.random.default_rng(0)
+
+    def cache_tap_grads(frames):
+        video = jnp.asarray(rng.uniform(-1, 1, (1, frames, 16, 16, 3)), jnp.float32)
+        g = jax.grad(lambda p: loss_fn(model, p, video, jax.random.key(1), 1e-6, sample=False)[0])(params)
+        taps = [v[0] for path, v in jax.tree_util.tree_leaves_with_path(g["decoder"])
+                if "time_conv" in jax.tree_util.keystr(path) and "kernel" in jax.tree_util.keystr(path)]
+        assert taps, "no temporal upsample in the decoder"
+        return max(float(jnp.abs(t).max()) for t in taps)
+
+    assert cache_tap_grads(5) == 0.0
+    assert cache_tap_grads(9) > 0.0

@@ -137,3 +137,72 @@ def test_wrong_world_size_is_a_clear_error():
 
     with pytest.raises(ValueError, match="torchrun --nproc-per-node 2"):
         init_parallel("cpu", sp=2)
+
+
+# ---- step caches and guidance schedules under Ulysses / CFG parallelism ------------------------------------------
+CACHE_CASES = {"teacache": 0.5, "magcache": 0.2, "fbcache": 0.7}
+MAG = {"magcache": {"ratios": {"cond": [1.0] + [0.98] * 7, "uncond": [1.0] + [0.97] * 7}}}
+
+
+def _cached_denoise(dit, x, name, wrap=None, group=None):
+    """8 steps with `name`'s step cache (None: no cache) and CFG truncated after 3/4 of them -> (latents, evals)."""
+    from contentv_common.step_cache import guided_steps, make_policy
+    from contentv_torch.pipeline import denoise
+    from contentv_torch.step_cache import StepCache
+
+    sig = flow_match_sigmas(8, shift=3.0)
+    cache = None if name is None else StepCache(make_policy(name, CACHE_CASES[name], MAG), 8, group=group)
+    dit.step_cache = cache
+    try:
+        out = denoise(dit if wrap is None else wrap, x["latents"], x["embeds"], x["pooled"], x["neg_embeds"],
+                      x["neg_pooled"], sig, 6.0, progress=False, guided=guided_steps(sig, 6.0, truncation=0.75),
+                      cache=cache)
+    finally:
+        dit.step_cache = None
+    return out, None if cache is None else cache.evaluations
+
+
+def _cache_worker(rank: int, port: int, folder: str, inputs_path: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from contentv_torch.parallel import make_state
+    from contentv_torch.transformer import ContentVTransformer3DModel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    x = torch.load(inputs_path)
+    dit = ContentVTransformer3DModel.from_pretrained(folder, dtype=torch.float32)
+    dit.set_attention_backend("sdpa")
+    states = {"sp": make_state(sp=WORLD, cfg=1), "cfg": make_state(sp=1, cfg=WORLD)}
+    out = {}
+    for mode, st in states.items():
+        for name in (None, *CACHE_CASES):
+            out[mode, name] = _cached_denoise(dit, x, name, st.wrap(dit), st.sp_group)
+    torch.save(out, os.path.join(out_dir, f"cache{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_step_caches_under_ulysses_and_cfg_parallel_match_one_process(tiny_folder, tmp_path):
+    """Every policy (and CFG truncation, whose cond-only steps one cfg group computes and broadcasts) gives one
+    process's latents on 2 gloo ranks: the sp ranks sum their signals, so they skip the same steps."""
+    from contentv_torch.transformer import ContentVTransformer3DModel
+
+    folder = str(tiny_folder / "transformer")
+    dit = ContentVTransformer3DModel.from_pretrained(folder, dtype=torch.float32)
+    dit.set_attention_backend("sdpa")
+    x = _inputs(dit.config)
+    torch.save(x, tmp_path / "inputs.pt")
+    expected = {name: _cached_denoise(dit, x, name) for name in (None, *CACHE_CASES)}
+    for name in CACHE_CASES:  # each policy skips some branch passes here (8 steps, 6 guided: 14 in all)
+        assert expected[name][1] < 14, (name, expected[name][1])
+        assert rel_err(expected[name][0], expected[None][0]) > 1e-4, name
+
+    mp.spawn(_cache_worker, args=(_free_port(), folder, str(tmp_path / "inputs.pt"), str(tmp_path)), nprocs=WORLD,
+             join=True)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"cache{rank}.pt")
+        for (mode, name), (latents, evals) in got.items():
+            err = rel_err(latents, expected[name][0])
+            assert err < 1e-5, (rank, mode, name, err)
+            if name and mode == "sp":
+                assert evals == expected[name][1], (rank, name, evals)

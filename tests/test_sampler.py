@@ -109,3 +109,32 @@ def test_one_default_sigma_grid_everywhere():
     assert generate.parse_args(["--model", "m", "--prompt", "p"]).sigma_grid == DEFAULT_SIGMA_GRID
     assert configs.get_config("tiny").eval.sigma_grid == DEFAULT_SIGMA_GRID
     assert rlhf.get_config("tiny").rlhf.sigma_grid == DEFAULT_SIGMA_GRID
+
+
+@pytest.mark.parametrize("name,threshold", [("teacache", 0.5), ("magcache", 0.2)])
+def test_jax_step_cache_matches_torch_pipeline(converted, name, threshold):
+    """The JAX sampler's step cache takes the torch pipeline's decisions (one skip rule, contentv_common) and
+    gives its latents; each branch skips some of the 8 steps."""
+    from contentv_common.step_cache import make_policy
+    from contentv_torch.pipeline import denoise
+    from contentv_torch.step_cache import StepCache
+
+    preset, torch_model, model, params = converted
+    noise, ctx, pooled, neg_ctx, neg_pooled = _inputs(preset)
+    sigmas = flow_match_sigmas(8, shift=3.0)
+    policy = make_policy(name, threshold, {"magcache": {"ratios": {"cond": [1.0] + [0.98] * 7,
+                                                                   "uncond": [1.0] + [0.97] * 7}}})
+    cache = StepCache(policy, 8)
+    torch_model.step_cache = cache
+    try:
+        with torch.no_grad():
+            ref = denoise(torch_model, torch.from_numpy(noise).permute(0, 4, 1, 2, 3), torch.from_numpy(ctx),
+                          torch.from_numpy(pooled), torch.from_numpy(neg_ctx), torch.from_numpy(neg_pooled), sigmas,
+                          guidance=4.5, progress=False, cache=cache)
+    finally:
+        torch_model.step_cache = None
+    out, evals = make_sampler(model, 4.5, policy)(params, noise, ctx, pooled, neg_ctx, neg_pooled, jnp.asarray(sigmas))
+    assert int(evals) == cache.evaluations < 16
+    assert rel_err(np.asarray(out), ref.permute(0, 2, 3, 4, 1).numpy()) <= 1e-4
+    plain = make_sampler(model, 4.5)(params, noise, ctx, pooled, neg_ctx, neg_pooled, jnp.asarray(sigmas))
+    assert rel_err(np.asarray(out), np.asarray(plain)) > 1e-4  # the skips changed the result
