@@ -138,8 +138,7 @@ def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat:
     compile_s = time.perf_counter() - t0
     m = compiled.memory_analysis()
     gib = float(1 << 30)
-    p = cfg.patch_size
-    tokens = t * (h // p) * (w // p)
+    tokens = cfg.video_tokens((t, h, w))
     seq = tokens + L
     row = {
         "model": model_name, "shape": f"{frames}x{height}x{width}", "latent": f"{t}x{h}x{w}", "mesh": mesh_spec,

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from contentv_common.buckets import Bucket
 from contentv_common.weights import atomic_file
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,10 @@ def write_dataset(folder: str | Path, samples, vae_config, dtype: str = "float32
     return folder
 
 
+PROMPTS_KEY = "prompts"  # prompt-embeddings files: the header metadata entry holding the prompts
+PROMPT_TENSORS = ("context", "pooled", "negative_context", "negative_pooled")
+
+
 def write_negative(folder: str | Path, context: np.ndarray, pooled: np.ndarray, dtype: str = "float32",
                    prompt: str = "") -> dict:
     """Write the negative (empty) prompt's embeddings context [L, J], pooled [P] atomically; returns the
@@ -154,6 +159,44 @@ def write_negative(folder: str | Path, context: np.ndarray, pooled: np.ndarray, 
         save_file({"context": np.asarray(context, np.float32)[None].astype(dt),
                    "pooled": np.asarray(pooled, np.float32)[None].astype(dt)}, str(tmp))
     return {"file": "negative.safetensors", "prompt": prompt}
+
+
+def write_prompt_embeddings(path: str | Path, prompts: Sequence[str], context: np.ndarray, pooled: np.ndarray,
+                            negative_context: np.ndarray, negative_pooled: np.ndarray) -> Path:
+    """One safetensors file of prompts with their DiT conditioning (RLHF's `--prompts`), written atomically:
+    context [N, L, J], pooled [N, P], negative_context [L, J], negative_pooled [P] (the empty prompt) float32;
+    the prompts (JSON list) in the header's metadata."""
+    from safetensors.numpy import save_file
+
+    n = len(prompts)
+    if n == 0 or np.shape(context)[0] != n or np.shape(pooled)[0] != n:
+        raise ValueError(f"{n} prompts with context {np.shape(context)}, pooled {np.shape(pooled)}")
+    tensors = {"context": context, "pooled": pooled, "negative_context": negative_context, "negative_pooled": negative_pooled}
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(tmp),
+                  metadata={PROMPTS_KEY: json.dumps(list(prompts))})
+    return path
+
+
+def read_prompt_embeddings(path: str | Path) -> dict:
+    """`write_prompt_embeddings`' file -> {"prompts": [N] str, "context", "pooled", "negative_context",
+    "negative_pooled"} (float32 numpy); a file that is not one raises ValueError naming it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+            out = {k: f.get_tensor(k).astype(np.float32) for k in PROMPT_TENSORS}
+    except Exception as e:  # a text file or a safetensors file of another kind: name what it must be
+        raise ValueError(f"{path}: not a prompt-embeddings file (write one with `python -m "
+                         f"contentv_torch.encode_prompts`): {e}") from None
+    if PROMPTS_KEY not in meta:
+        raise ValueError(f"{path}: no {PROMPTS_KEY!r} metadata; not written by contentv_torch.encode_prompts")
+    return {"prompts": json.loads(meta[PROMPTS_KEY]), **out}
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> Path:
@@ -354,7 +397,7 @@ class LatentDataset:
         bad = [f"{k} {got[k]} (model: {want[k]})" for k in want if got[k] != want[k]]
         for s in self.shards:
             f, h, w = s["bucket"]
-            expect = [v.latent_frames(f), h // v.spatial_factor, w // v.spatial_factor, v.z_dim]
+            expect = list(v.latent_shape(f, h, w, patch_size=1))  # encoded sizes: multiples of the VAE factor
             if list(s["latent_shape"]) != expect:
                 bad.append(f"shard {s['file']} latent shape {s['latent_shape']} for bucket {s['bucket']} (model: {expect})")
                 break
@@ -367,15 +410,9 @@ def dynamic_batch_sizes(shapes: Sequence[tuple[int, int, int]], preset, tokens_p
     """The paper's dynamic batch: per pixel shape (F, H, W), the batch whose video tokens per step
     (batch * T * (h/p) * (w/p)) come nearest to `tokens_per_step` from below, a multiple of `multiple`
     (at least `multiple`). -> [Bucket(F, H, W, batch)]."""
-    from contentv_jax.data import (
-        Bucket,  # the trainer's Bucket type (a plain dataclass; no JAX import)
-    )
-
     out = []
     for f, h, w in shapes:
-        t, lh, lw, _ = Bucket(f, h, w, 1).latent_shape(preset)
-        p = preset.transformer.patch_size
-        tokens = t * (lh // p) * (lw // p)
+        tokens = Bucket(f, h, w, 1).video_tokens(preset)
         out.append(Bucket(f, h, w, max(multiple, tokens_per_step // tokens // multiple * multiple)))
     return out
 
@@ -402,8 +439,6 @@ class ShardedLatentSource:
     def __init__(self, path: str | Path, preset, buckets: Sequence | None = None, *, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, image_ratio: float | None = None,
                  tokens_per_step: int | None = None, on_corrupt: str = "error", prefetch: int = 2):
-        from contentv_jax.data import Bucket
-
         self.ds = LatentDataset(path, on_corrupt)
         self.ds.check_compatible(preset)
         self.seed, self.process_index, self.process_count = int(seed), int(process_index), int(process_count)

@@ -17,39 +17,16 @@ An on-disk dataset implements the same four members.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
 
+from contentv_common.buckets import Bucket, buckets_from_config  # noqa: F401  (the trainer's shape type)
 from contentv_common.config import ModelPreset
 from contentv_common.dataset import ON_CORRUPT, ShardedLatentSource
 
 BATCH_NDIMS = {"latents": 5, "context": 3, "pooled": 2}  # array name -> rank; the batch axis is first
 BATCH_KEYS = tuple(BATCH_NDIMS)
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """One static training shape: `frames` x `height` x `width` pixels (frames 4k+1; 1 = image), global `batch`."""
-
-    frames: int
-    height: int
-    width: int
-    batch: int
-
-    def latent_shape(self, preset: ModelPreset) -> tuple[int, int, int, int]:
-        """(T, h, w, C) of the normalised latents for this bucket; errors name the bad size."""
-        m, f = preset.pixel_multiple, preset.vae.spatial_factor
-        if self.height % m or self.width % m:
-            raise ValueError(f"bucket {self}: height and width must be multiples of {m} for {preset.name}")
-        if self.batch < 1:
-            raise ValueError(f"bucket {self}: batch must be >= 1")
-        return (preset.vae.latent_frames(self.frames), self.height // f, self.width // f, preset.vae.z_dim)
-
-
-def buckets_from_config(items) -> list[Bucket]:
-    return [Bucket(*map(int, b)) for b in items]
 
 
 class BatchSource(Protocol):

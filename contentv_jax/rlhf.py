@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from contentv_common.config import ModelPreset, get_preset
+from contentv_common.dataset import read_prompt_embeddings
 from contentv_common.latents import denormalize_latents
 from contentv_common.schedule import flow_match_sigmas
 from contentv_jax import configs as configs_lib
@@ -90,8 +91,7 @@ def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
     r.reward = ""  # transformers CLIPModel folder (PickScore: yuvalkirstain/PickScore_v1)
     r.reward_processor = ""  # folder with preprocessor_config.json + CLIPTokenizer files (default: r.reward)
     r.vae = ""  # Wan VAE folder (diffusers layout); empty: random VAE of the preset (plumbing only)
-    r.prompts = ""  # text file, one prompt per line; empty: the SFT source's captions
-    r.text_encoders = ""  # ContentV / SD3.5 folder with the text encoders, needed with r.prompts
+    r.prompts = ""  # prompt-embeddings file (python -m contentv_torch.encode_prompts); empty: the SFT source's captions
     r.num_prompts = 1024 if big else 16  # dataset captions used as prompts (without r.prompts)
     r.num_heldout = 4  # prompts kept out of training, scored every eval_every steps
     r.lam = 1e-3 if big else 1.0
@@ -136,35 +136,16 @@ class PromptSet:
         """Up to n captions of a batch source with the trainer's `eval_prompts(n)` (the synthetic set: its
         captions, zero negatives; a dataset folder: its first readable records, its stored empty prompt)."""
         if not hasattr(source, "eval_prompts"):
-            raise ValueError(f"{type(source).__name__} has no eval_prompts(n); pass --prompts FILE --text-encoders DIR")
+            raise ValueError(f"{type(source).__name__} has no eval_prompts(n); pass --prompts FILE.safetensors")
         p = source.eval_prompts(n)
         return cls(list(p["names"]), np.asarray(p["context"]), np.asarray(p["pooled"]),
                    np.asarray(p["neg_context"][0]), np.asarray(p["neg_pooled"][0]))
 
     @classmethod
-    def from_file(cls, path: str | Path, text_encoders: str | Path, max_sequence_length: int, chunk: int = 8) -> PromptSet:
-        """One prompt per non-empty line of `path`, encoded once with the folder's CLIP-L / bigG / T5 (PyTorch)."""
-        import torch
-        from tqdm import tqdm
-
-        from contentv_torch.text import TextEncoders
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompts {path}: no such file")
-        prompts = [p.strip() for p in path.read_text().splitlines() if p.strip()]
-        if not prompts:
-            raise ValueError(f"--prompts {path}: no prompts")
-        enc = TextEncoders.from_pretrained(text_encoders)
-        ctx, pooled = [], []
-        with torch.no_grad():
-            for i in tqdm(range(0, len(prompts), chunk), desc="encoding prompts"):
-                e = enc.encode(prompts[i : i + chunk], do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
-                ctx.append(e.prompt_embeds.float().numpy())
-                pooled.append(e.pooled.float().numpy())
-            neg = enc.encode("", do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
-        return cls(prompts, np.concatenate(ctx), np.concatenate(pooled), neg.prompt_embeds[0].float().numpy(),
-                   neg.pooled[0].float().numpy())
+    def from_file(cls, path: str | Path) -> PromptSet:
+        """A prompt-embeddings file written by `python -m contentv_torch.encode_prompts` (no torch needed here)."""
+        d = read_prompt_embeddings(path)
+        return cls(d["prompts"], d["context"], d["pooled"], d["negative_context"], d["negative_pooled"])
 
     def split(self, num_heldout: int) -> tuple[PromptSet, PromptSet]:
         """(train, held-out): the last `num_heldout` prompts are held out."""
@@ -361,8 +342,7 @@ def rlhf(config, *, mesh_spec: str | None = None, mesh: jax.sharding.Mesh | None
     fm_eval_batch = place_batch(make_source(config, preset, pi, pc).next(), mesh, rules)
     reward_model, reward_params = reward if reward is not None else load_reward(r)
     if prompts is None:
-        prompts = (PromptSet.from_file(r.prompts, r.text_encoders, preset.text.t5_max_tokens) if r.prompts
-                   else PromptSet.from_source(sft_source, int(r.num_prompts)))
+        prompts = PromptSet.from_file(r.prompts) if r.prompts else PromptSet.from_source(sft_source, int(r.num_prompts))
     train_prompts, heldout = prompts.split(r.num_heldout)
     vae, vae_params = load_vae(r, preset, config.seed)
     frozen = _place({"vae": vae_params, "reward": reward_params}, mesh, rules, batch_axis=False)
@@ -460,8 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", default=None, help="transformers CLIPModel folder of the reward (e.g. PickScore_v1)")
     p.add_argument("--reward-processor", default=None, help="folder with its preprocessor_config.json + CLIPTokenizer (default: --reward)")
     p.add_argument("--vae", default=None, help="Wan VAE folder (diffusers layout); default: random VAE (plumbing only)")
-    p.add_argument("--prompts", default=None, help="prompt file (one per line); default: the SFT source's captions")
-    p.add_argument("--text-encoders", default=None, help="ContentV / SD3.5 folder whose text encoders embed --prompts")
+    p.add_argument("--prompts", default=None, help="prompt-embeddings file written by `python -m "
+                   "contentv_torch.encode_prompts` (on a torch host); default: the SFT source's captions")
     p.add_argument("--init-from", default=None, help="SFT checkpoint dir or converted transformer folder to start from")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--mesh", default=None, help="mesh, e.g. data=2,fsdp=-1")
@@ -477,7 +457,7 @@ def main(argv=None) -> int:
     configs_lib.apply_overrides(config, args.set)
     configs_lib.apply_flags(config, args, (
         ("reward", "rlhf.reward"), ("reward_processor", "rlhf.reward_processor"), ("vae", "rlhf.vae"),
-        ("prompts", "rlhf.prompts"), ("text_encoders", "rlhf.text_encoders"), ("init_from", "init_from"),
+        ("prompts", "rlhf.prompts"), ("init_from", "init_from"),
         ("steps", "steps")))
     out = rlhf(config, mesh_spec=args.mesh, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                metrics_file=args.metrics_file)

@@ -21,7 +21,7 @@ import torch
 
 from contentv_common.schedule import SIGMA_GRIDS
 from contentv_torch.pipeline import ContentVPipeline, read_model_info
-from contentv_torch.video_io import check_writable, write_mp4
+from contentv_common.video_io import check_writable, write_mp4
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
