@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contentv_common.buckets import Bucket
+from contentv_common.buckets import BatchSource, Bucket
 from contentv_common.weights import atomic_file
 
 log = logging.getLogger(__name__)
@@ -417,7 +417,7 @@ def dynamic_batch_sizes(shapes: Sequence[tuple[int, int, int]], preset, tokens_p
     return out
 
 
-class ShardedLatentSource:
+class ShardedLatentSource(BatchSource):
     """The trainer's `BatchSource` over a dataset folder (see contentv_jax.data for the protocol).
 
     buckets: the trainer's `Bucket`s (frames, height, width, global batch); dataset records of other shapes are
@@ -555,6 +555,9 @@ class ShardedLatentSource:
         """For the trainer's metrics (on_corrupt="skip"): records of shards found unreadable at open (never served)
         and records replaced in served batches after a failed checksum, so far (this process)."""
         return {"data_unreadable_records": self.ds.skipped_records, "data_corrupt_records": self.corrupt_records}
+
+    def unreadable_shards(self) -> list[str]:
+        return list(self.ds.bad_shards)
 
     def null_text(self) -> tuple[np.ndarray, np.ndarray]:
         """The empty prompt's (context [L, J], pooled [P]) float32 from negative.safetensors (caption dropout);

@@ -25,6 +25,7 @@ import ml_collections
 
 from contentv_common.config import get_preset
 from contentv_common.schedule import DEFAULT_SIGMA_GRID
+from contentv_jax.sharding import DEFAULT_RULES
 
 STAGES = ("video_lowres", "joint", "duration", "resolution", "sft")
 
@@ -126,6 +127,7 @@ def base(model: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint_every = 500 if big else 50
     c.keep_checkpoints = 3
     c.max_nonfinite = 20  # consecutive skipped (non-finite) updates before the run stops
+    c.sharding_rules = DEFAULT_RULES  # (logical axis name, mesh axes) pairs; validated by sharding.rules_from_config
     c.peak_tflops_per_device = 0.0  # 0: look it up from the device kind (metrics.peak_flops)
 
     c.eval = ml_collections.ConfigDict()
