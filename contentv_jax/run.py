@@ -127,25 +127,27 @@ def init_params_from(path: str, state, state_shardings):
 def resume_step(resume: str, ckpt: Checkpointer | None) -> int | None:
     """The step to restore for `--resume` (auto: the latest checkpoint if any; no: none, and the directory must
     hold none; <step>: that one, which needs --checkpoint-dir). Bad combinations raise UsageError."""
-    if resume not in ("auto", "no") and not resume.isdigit():
-        raise UsageError(f"--resume {resume!r}: expected auto, no or a step number")
-    if resume.isdigit() and ckpt is None:
-        raise UsageError(f"--resume {resume} needs --checkpoint-dir")
     latest = ckpt.latest_step() if ckpt else None
-    if latest is not None and resume == "no":
-        raise UsageError(f"--checkpoint-dir {ckpt.directory} already holds step {latest}; use --resume auto or an empty dir")
+    problem = (f"--resume {resume!r}: expected auto, no or a step number" if resume not in ("auto", "no") and not resume.isdigit()
+               else f"--resume {resume} needs --checkpoint-dir" if resume.isdigit() and ckpt is None
+               else f"--checkpoint-dir {ckpt.directory} already holds step {latest}; use --resume auto or an empty dir"
+               if latest is not None and resume == "no" else None)
+    if problem:
+        if ckpt is not None:
+            ckpt.close()  # the run never starts: let orbax's threads go
+        raise UsageError(problem)
     return int(resume) if resume.isdigit() else latest if resume == "auto" else None
 
 
-def resume_or_init(state, state_shardings, *, resume: str, ckpt: Checkpointer | None, init_from: str | None,
+def resume_or_init(state, state_shardings, *, step: int | None, ckpt: Checkpointer | None, init_from: str | None,
                    restore_data: Callable[[dict], None], writer, log: Callable[[str], None]):
-    """The state a run starts from. Resume order (each restored piece replaces the fresh one and is kept):
+    """The state a run starts from: checkpoint `step` (`resume_step`, checked before any work) else `init_from`.
+    Resume order (each restored piece replaces the fresh one and is kept):
     1. the train state (params, optimizer, EMA, step, RNG, skip counters) straight into its shardings;
     2. the data position (`restore_data(saved data state)`), so the next batch is the one the killed run would
        have seen;
     3. the metrics file forgets steps after the checkpoint (they are about to be redone).
     Without a checkpoint to resume, `init_from` (an earlier stage or a converted model) sets the params."""
-    step = resume_step(resume, ckpt)
     if step is not None:
         state, data_state = ckpt.restore(step, abstract_with_shardings(state, state_shardings))
         restore_data(data_state)

@@ -76,9 +76,11 @@ def rules_from_config(config) -> tuple[tuple[str, object], ...]:
         rules.append((name, tuple(target) if isinstance(target, (tuple, list)) else target))
     names = [n for n, _ in rules]
     unknown = sorted(set(names) - set(PARAM_AXES + ACTIVATION_AXES))
-    if unknown or len(set(names)) != len(names):
-        raise ValueError(f"sharding_rules: unknown logical names {unknown} or repeated names in {names}; "
-                         f"the names are {PARAM_AXES + ACTIVATION_AXES}")
+    if unknown:
+        raise ValueError(f"sharding_rules: unknown logical names {unknown}; the names are {PARAM_AXES + ACTIVATION_AXES}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"sharding_rules: repeated logical names {repeated}")
     check_rules(tuple(rules))
     return tuple(rules)
 

@@ -44,6 +44,7 @@ from contentv_jax.run import (  # noqa: F401  (abstract_with_shardings, load_ini
     init_params_from,
     load_init_params,
     resume_or_init,
+    resume_step,
     save_checkpoint,
 )
 from contentv_jax.sampler import EvalSampler
@@ -241,6 +242,8 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     """
     preset = get_preset(config.model)
     rules = shd.rules_from_config(config)
+    ckpt = Checkpointer(checkpoint_dir, config.keep_checkpoints, config.checkpoint_every) if checkpoint_dir else None
+    start = resume_step(resume, ckpt)  # a bad --resume fails before any work
     mesh = mesh or shd.create_mesh(mesh_spec if mesh_spec is not None else config.mesh)
     model = build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
@@ -249,13 +252,12 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     unreadable = source.corruption_counts().get("data_unreadable_records", 0)
     if unreadable:  # data.on_corrupt="skip" (with "error" the source raised, naming the shard)
         log(f"data: SKIPPING {unreadable} records of unreadable shards {source.unreadable_shards()} (data.on_corrupt=skip)")
-    ckpt = Checkpointer(checkpoint_dir, config.keep_checkpoints, config.checkpoint_every) if checkpoint_dir else None
     writer = MetricsWriter(metrics_file, tb_dir or (Path(metrics_file).parent / "tb" if metrics_file else None),
                            enabled=jax.process_index() == 0)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     log(f"model {config.model} ({n_params:,} params) stage {config.stage or '-'} mesh {dict(mesh.shape)} "
         f"buckets {list(config.data.buckets)} steps {config.steps}")
-    state = resume_or_init(state, state_shardings, resume=resume, ckpt=ckpt, init_from=config.init_from,
+    state = resume_or_init(state, state_shardings, step=start, ckpt=ckpt, init_from=config.init_from,
                            restore_data=source.restore, writer=writer, log=log)
     evaluator = _evaluator(config, model, preset, source, Path(metrics_file).parent if metrics_file
                            else Path(checkpoint_dir or "."), log)
