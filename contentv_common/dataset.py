@@ -48,14 +48,13 @@ from pathlib import Path
 import numpy as np
 
 from contentv_common.buckets import BatchSource, Bucket
-from contentv_common.weights import atomic_file
+from contentv_common.weights import SAFETENSORS_DTYPES, atomic_file, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "contentv-latents", 1
 MANIFEST_NAME = "manifest.json"
 TENSORS = ("latents", "context", "pooled")  # per-row crc32 order; also the batch keys of the trainer
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 class CorruptDataError(ValueError):
@@ -220,10 +219,7 @@ def _read_header(path: Path, dtype: np.dtype) -> dict[str, _Tensor]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
+            base, header = read_safetensors_header(f, size)
     except FileNotFoundError:
         raise CorruptDataError(f"shard {path}: file missing") from None
     except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
@@ -235,10 +231,10 @@ def _read_header(path: Path, dtype: np.dtype) -> dict[str, _Tensor]:
         h = header[k]
         a, b = h["data_offsets"]
         shape = tuple(h["shape"])
-        if _ST_DTYPES.get(h["dtype"]) != dtype.name or b - a != int(np.prod(shape)) * dtype.itemsize or 8 + n + b > size:
+        if SAFETENSORS_DTYPES.get(h["dtype"]) != dtype.name or b - a != int(np.prod(shape)) * dtype.itemsize or base + b > size:
             raise CorruptDataError(f"shard {path}: tensor {k!r} ({h['dtype']} {list(shape)}, bytes {a}..{b}) does not "
                                    f"match the manifest dtype {dtype.name} or the file size {size}")
-        out[k] = _Tensor(8 + n + a, (b - a) // max(shape[0], 1), shape)
+        out[k] = _Tensor(base + a, (b - a) // max(shape[0], 1), shape)
     return out
 
 

@@ -1,4 +1,5 @@
-"""Training configs as code: one small function per stage of the ContentV recipe (STYLE #1).
+"""Training configs as code: one small function per stage of the ContentV recipe (readable, diffable,
+no copied YAML files to drift apart).
 
 `get_config("tiny")`, `get_config("small/joint")`, `get_config("contentv-8b/sft")`: `<model>[/<stage>]`,
 the model a preset of contentv_common.config.PRESETS, the stage one of STAGES (default the first).

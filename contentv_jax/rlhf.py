@@ -68,7 +68,7 @@ sg = jax.lax.stop_gradient
 
 def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
     """The `rlhf` stage of `model` (`contentv_jax.configs.rlhf`): `--config <model>[/rlhf]` in both CLIs."""
-    return configs_lib.get_config(f"{model}/rlhf")
+    return configs_lib.get_config(f"{model}/rlhf", stages=("rlhf",))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# Meshes and placements (trainer side). STYLE #4: a mesh from (axis, size) pairs, -1 = the rest.
+# Meshes and placements (trainer side): a mesh from (axis, size) pairs, -1 = the rest, so one spec fits any device count.
 
 
 def parse_mesh_spec(spec: str | dict | None) -> dict[str, int]:
