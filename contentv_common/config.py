@@ -39,6 +39,11 @@ def _from_dict(cls, d: dict[str, Any], ignore: tuple[str, ...] = ()):
     return cls(**kw)
 
 
+# Diffusers keys of an SD3.5 transformer that ContentV drops on purpose: its learned 2D position table (ContentV adds
+# a fixed 3D sin-cos table instead). Loaders and converters skip them; every other key must match.
+IGNORED_TRANSFORMER_KEYS = ("pos_embed.pos_embed",)
+
+
 @dataclass(frozen=True)
 class TransformerConfig:
     """The SD3.5-style MM-DiT of ContentV (diffusers `SD3Transformer2DModel` field names)."""

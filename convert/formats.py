@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Mapping
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors' numpy reader needs it)
 import numpy as np
 
-from contentv_common.config import TransformerConfig, VAEConfig, read_json
+from contentv_common.config import IGNORED_TRANSFORMER_KEYS, TransformerConfig, VAEConfig, read_json
 from contentv_common.weights import (
     CONFIG_NAME,
     SAFETENSORS_DTYPES,
@@ -84,7 +84,7 @@ class Component:
 
 COMPONENTS = {
     "transformer": Component("transformer", TransformerConfig, "convert.transformer_keys:transformer_rules",
-                             "contentv_torch.transformer:ContentVTransformer3DModel", ("pos_embed.pos_embed",)),
+                             "contentv_torch.transformer:ContentVTransformer3DModel", IGNORED_TRANSFORMER_KEYS),
     "vae": Component("vae", VAEConfig, "convert.vae_keys:vae_rules", "contentv_torch.vae:WanVAE"),
 }
 _CLASS_NAMES = {"SD3Transformer2DModel": "transformer", "SD3Transformer3DModel": "transformer",

@@ -55,3 +55,19 @@ def test_t5_spiece_model_encodes_like_tokenizer_json(tokenizer_root):
         assert sp.encode(prompt) == want, prompt
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
     assert cfg["tokenizer_class"] == "T5Tokenizer" and not isinstance(cfg.get("extra_special_tokens", {}), list)
+
+
+def test_parity_cli_takes_an_sd35_large_transformer_folder(tmp_path, capsys):
+    """An SD3.5 Large folder (`SD3Transformer2DModel`, with its learned 2D position table) runs through the parity
+    CLI as `python -m convert` and `--init-from` take it: the table is skipped, every other key is used."""
+    from benchmarks import parity
+    from contentv_common.config import get_preset
+    from tests.reference import reference_transformer
+
+    ref = reference_transformer(get_preset("tiny").transformer, seed=2)
+    ref.dit.save_pretrained(tmp_path / "transformer")
+    config = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    assert config["_class_name"] == "SD3Transformer2DModel"
+    assert parity.main(["--checkpoint", str(tmp_path / "transformer"), "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "SD3Transformer2DModel" in out and "PASS" in out
