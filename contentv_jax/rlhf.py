@@ -51,15 +51,7 @@ from contentv_jax.metrics import MetricsWriter
 from contentv_jax.optim import apply_update, lr_schedule, make_optimizer
 from contentv_jax.reward import RewardModel
 from contentv_jax.sampler import euler_sample
-from contentv_jax.run import (
-    NonFiniteGuard,
-    Sigterm,
-    StepCache,
-    ThroughputWindow,
-    resume_or_init,
-    resume_step,
-    save_checkpoint,
-)
+from contentv_jax.run import Loop, StepCache, ThroughputWindow, resume_or_init, resume_step
 from contentv_jax.train import TrainState, build_model, create_train_state, place_batch
 
 PROG = "python -m contentv_jax.rlhf"
@@ -350,57 +342,39 @@ def rlhf(config, *, mesh_spec: str | None = None, mesh: jax.sharding.Mesh | None
     evaluation = _Evaluation(obj, config, train_prompts, heldout,
                              place_batch(make_source(config, preset, pi, pc).next(), mesh, rules), mesh, rules)
     steps_cache = StepCache(make_rlhf_step(obj, tx, config), state_shardings, mesh, rules, compiler_options)
-    window = ThroughputWindow()
-    guard = NonFiniteGuard(config.max_nonfinite, ckpt)
-    history, evals, stopped = [], [], "done"
-    step = int(jax.device_get(state.step))
+    evals = []
     rows = slice(pi * r.batch // pc, (pi + 1) * r.batch // pc)
 
-    def run_eval(step):
+    def next_args(step):  # (frozen, prompt rows, SFT batch or None): prompt draws are a function of (seed, step)
+        ids = np.random.default_rng([config.seed, 3, step]).integers(0, len(train_prompts.prompts), r.batch)[rows]
+        with_fm = bool(r.fm_every) and step % int(r.fm_every) == 0
+        return (frozen, place(train_prompts.batch(ids, reward_model), mesh, rules),
+                place_batch(sft_source.next(), mesh, rules) if with_fm else None)
+
+    def evaluate(step, state):
         e = evaluation(state.params, frozen)
         evals.append({"step": step, **e})
         writer.write(step, e)
         log(f"eval step {step:>5} reward held-out {e['reward_heldout']:.4f} train {e['reward_train_eval']:.4f} "
             f"fm_loss {e['fm_loss_eval']:.4f}")
-        window.reset()
 
+    def log_line(step, m):
+        return (f"step {step:>5} loss {m['loss']:.4f} reward {m['reward']:.4f} k {int(m['grad_step'])}"
+                + (f" fm {m['fm_loss']:.4f}" if "fm_loss" in m else "") + f" grad {m['grad_norm']:.3f}"
+                + ThroughputWindow.describe(m) + (f" | skipped {int(m['nonfinite'])} in a row" if m["nonfinite"] else ""))
+
+    video_tokens = r.batch * preset.transformer.video_tokens(obj.latent_shape)
+    loop = Loop(
+        steps_cache, config.steps, next_args=next_args, data_state=lambda: {"kind": "rlhf", "sft": sft_source.state()},
+        log_line=log_line, writer=writer, log=log, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+        max_nonfinite=config.max_nonfinite, ckpt=ckpt, work=lambda args: (video_tokens, 0.0),
+        evaluate=evaluate if r.eval_every else None,
+        eval_due=lambda step: step % r.eval_every == 0 or step == config.steps,
+        describe_args=lambda args: "the RLHF step" + (" with the FM regulariser" if args[2] is not None else ""))
     try:
-        with Sigterm() as sigterm:
-            if r.eval_every and step == 0:
-                run_eval(0)
-            while step < config.steps:
-                ids = np.random.default_rng([config.seed, 3, step]).integers(0, len(train_prompts.prompts), r.batch)[rows]
-                batch = place(train_prompts.batch(ids, reward_model), mesh, rules)
-                with_fm = bool(r.fm_every) and step % int(r.fm_every) == 0
-                sft = place_batch(sft_source.next(), mesh, rules) if with_fm else None
-                compiles = steps_cache.compiles
-                state, metrics = steps_cache(state, frozen, batch, sft)
-                step += 1
-                if steps_cache.compiles != compiles:  # compile time is not step time
-                    jax.block_until_ready(metrics)
-                    window.reset()
-                else:
-                    window.add(r.batch * preset.transformer.video_tokens(obj.latent_shape))
-                guard.after_step(step, metrics["nonfinite"])
-                if step % config.log_every == 0 or step == config.steps or sigterm.received:
-                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    m.update(window.rates())
-                    history.append({"step": step, **m})
-                    writer.write(step, m)
-                    log(f"step {step:>5} loss {m['loss']:.4f} reward {m['reward']:.4f} k {int(m['grad_step'])}"
-                        + (f" fm {m['fm_loss']:.4f}" if "fm_loss" in m else "") + f" grad {m['grad_norm']:.3f}"
-                        + ThroughputWindow.describe(m) + (f" | skipped {int(m['nonfinite'])} in a row" if m["nonfinite"] else ""))
-                    window.reset()
-                    guard.flush()
-                if r.eval_every and (step % r.eval_every == 0 or step == config.steps):
-                    run_eval(step)
-                save_checkpoint(ckpt, step, state, {"kind": "rlhf", "sft": sft_source.state()}, config.checkpoint_every,
-                                force=sigterm.received or step == config.steps)
-                if sigterm.received:
-                    stopped = "sigterm"
-                    log(f"SIGTERM: saved step {step} to {checkpoint_dir}; exiting")
-                    break
-            guard.flush()
+        if r.eval_every and int(jax.device_get(state.step)) == 0:
+            evaluate(0, state)
+        state, history, stopped = loop.run(state)
     finally:
         if ckpt is not None:
             ckpt.close()

@@ -8,12 +8,14 @@ for everything around the step, so the trainer and RLHF behave alike:
   `Sigterm`          SIGTERM becomes a flag the loop polls: it saves and exits cleanly;
   `NonFiniteGuard`   stops the run with `NonFiniteError` after `max_nonfinite` consecutive skipped updates;
   `save_checkpoint`  on the interval, forced at the end / on SIGTERM, never inside a run of skipped updates;
-  `ThroughputWindow` steps/s, tokens/s and MFU over the steps since the last log (compile time excluded).
+  `ThroughputWindow` steps/s, tokens/s and MFU over the steps since the last log (compile time excluded);
+  `Loop`             the loop itself: step, log, evaluate, checkpoint, SIGTERM, guard, in that order each step.
 """
 from __future__ import annotations
 
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -251,3 +253,72 @@ class ThroughputWindow:
             return ""
         return (f" | {m['steps_per_s']:.2f} steps/s {m['tokens_per_s']:.0f} tok/s"
                 + (f" MFU {100 * m['mfu']:.2f}%" if "mfu" in m else ""))
+
+
+@dataclass
+class Loop:
+    """The step loop both trainers run (`run(state) -> (state, history, stopped)`), each step in this order:
+    1. `next_args(step)` -> the step's placed arguments after the state; the compiled step (`steps`) runs;
+    2. the throughput window counts the step (`work(args)` -> (video tokens, FLOPs)), or restarts after a compile;
+    3. the non-finite guard sees the step's counter (read one step later, or now at a log step);
+    4. every `log_every` steps, the last step and on SIGTERM: the metrics (+ `extra_metrics()`, throughput) are
+       logged (`log_line(step, metrics)`), written and kept in `history`;
+    5. `evaluate(step, state)` when `eval_due(step)`;
+    6. a checkpoint (`save_checkpoint`, with `data_state()`), forced at the end and on SIGTERM, which then stops
+       the run ("sigterm"); else it ends "done" or raises NonFiniteError.
+    """
+
+    steps: StepCache
+    total_steps: int
+    next_args: Callable[[int], tuple]
+    data_state: Callable[[], dict]
+    log_line: Callable[[int, dict], str]
+    writer: Any
+    log: Callable[[str], None]
+    log_every: int
+    checkpoint_every: int
+    max_nonfinite: int
+    ckpt: Checkpointer | None = None
+    work: Callable[[tuple], tuple[int, float]] = lambda args: (0, 0.0)
+    peak_flops: float = 0.0
+    extra_metrics: Callable[[], dict] = dict
+    evaluate: Callable[[int, Any], None] | None = None
+    eval_due: Callable[[int], bool] = lambda step: False
+    describe_args: Callable[[tuple], str] = lambda args: "new argument shapes"
+
+    def run(self, state) -> tuple[Any, list[dict], str]:
+        window, guard = ThroughputWindow(self.peak_flops), NonFiniteGuard(self.max_nonfinite, self.ckpt)
+        history, stopped = [], "done"
+        step = int(jax.device_get(state.step))
+        with Sigterm() as sigterm:
+            while step < self.total_steps:
+                args = self.next_args(step)
+                compiles = self.steps.compiles
+                state, metrics = self.steps(state, *args)
+                step += 1
+                if self.steps.compiles != compiles:  # compile time is not step time
+                    jax.block_until_ready(metrics)
+                    self.log(f"compiled the step for {self.describe_args(args)} (compile #{self.steps.compiles})")
+                    window.reset()
+                else:
+                    window.add(*self.work(args))
+                guard.after_step(step, metrics["nonfinite"])
+                if step % self.log_every == 0 or step == self.total_steps or sigterm.received:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    m.update(window.rates(), **self.extra_metrics())
+                    history.append({"step": step, **m})
+                    self.writer.write(step, m)
+                    self.log(self.log_line(step, m))
+                    window.reset()
+                    guard.flush()
+                if self.evaluate is not None and self.eval_due(step):
+                    self.evaluate(step, state)
+                    window.reset()
+                save_checkpoint(self.ckpt, step, state, self.data_state(), self.checkpoint_every,
+                                force=sigterm.received or step == self.total_steps)
+                if sigterm.received:
+                    stopped = "sigterm"
+                    self.log(f"SIGTERM: saved step {step} to {self.ckpt.directory if self.ckpt else None}; exiting")
+                    break
+            guard.flush()
+        return state, history, stopped

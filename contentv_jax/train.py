@@ -35,9 +35,8 @@ from contentv_jax.flow import drop_captions, flow_matching_loss
 from contentv_jax.metrics import MetricsWriter, peak_flops, train_step_flops
 from contentv_jax.optim import apply_update, lr_schedule, make_optimizer
 from contentv_jax.run import (  # noqa: F401  (abstract_with_shardings, load_init_params, init_params_from: re-exported)
+    Loop,
     NonFiniteError,
-    NonFiniteGuard,
-    Sigterm,
     StepCache,
     ThroughputWindow,
     abstract_with_shardings,
@@ -45,7 +44,6 @@ from contentv_jax.run import (  # noqa: F401  (abstract_with_shardings, load_ini
     load_init_params,
     resume_or_init,
     resume_step,
-    save_checkpoint,
 )
 from contentv_jax.sampler import EvalSampler
 
@@ -263,46 +261,27 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
                            else Path(checkpoint_dir or "."), log)
     steps_cache = StepCache(make_train_step(model, tx, config, preset.transformer.patch_size, _null_text(config, source, log)),
                             state_shardings, mesh, rules, compiler_options)
-    window = ThroughputWindow(peak_flops(jax.devices()[0].device_kind, config.peak_tflops_per_device) * jax.device_count())
-    guard = NonFiniteGuard(config.max_nonfinite, ckpt)
-    history, stopped = [], "done"
-    step = int(jax.device_get(state.step))
+    transformer, text_tokens = preset.transformer, preset.text.context_tokens
+
+    def work(args):  # (video tokens, model FLOPs) of one step on a batch
+        b, *latent_shape = args[0]["latents"].shape
+        return b * transformer.video_tokens(latent_shape), train_step_flops(transformer, latent_shape, text_tokens, b)
+
+    def evaluate(step, state):
+        paths = evaluator(state.ema_params, step, write=jax.process_index() == 0)
+        if paths:
+            log(f"eval: wrote {len(paths)} samples to {paths[0].parent}")
+
+    loop = Loop(
+        steps_cache, config.steps, next_args=lambda step: (place_batch(source.next(), mesh, rules),),
+        data_state=source.state, log_line=_log_line, writer=writer, log=log, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, max_nonfinite=config.max_nonfinite, ckpt=ckpt, work=work,
+        peak_flops=peak_flops(jax.devices()[0].device_kind, config.peak_tflops_per_device) * jax.device_count(),
+        extra_metrics=source.corruption_counts, evaluate=evaluate if evaluator is not None else None,
+        eval_due=lambda step: step % config.eval.every == 0 or step == config.steps,
+        describe_args=lambda args: f"bucket {tuple(args[0]['latents'].shape)}")
     try:
-        with Sigterm() as sigterm:
-            while step < config.steps:
-                batch = place_batch(source.next(), mesh, rules)
-                compiles = steps_cache.compiles
-                state, metrics = steps_cache(state, batch)
-                step += 1
-                if steps_cache.compiles != compiles:  # compile time is not step time
-                    jax.block_until_ready(metrics)
-                    log(f"compiled the step for bucket {tuple(batch['latents'].shape)} (compile #{steps_cache.compiles})")
-                    window.reset()
-                else:
-                    b, *latent_shape = batch["latents"].shape
-                    window.add(b * preset.transformer.video_tokens(latent_shape),
-                               train_step_flops(preset.transformer, latent_shape, preset.text.context_tokens, b))
-                guard.after_step(step, metrics["nonfinite"])
-                if step % config.log_every == 0 or step == config.steps or sigterm.received:
-                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    m.update(window.rates(), **source.corruption_counts())
-                    history.append({"step": step, **m})
-                    writer.write(step, m)
-                    log(_log_line(step, m))
-                    window.reset()
-                    guard.flush()
-                if evaluator is not None and (step % config.eval.every == 0 or step == config.steps):
-                    paths = evaluator(state.ema_params, step, write=jax.process_index() == 0)
-                    if paths:
-                        log(f"eval: wrote {len(paths)} samples to {paths[0].parent}")
-                    window.reset()
-                save_checkpoint(ckpt, step, state, source.state(), config.checkpoint_every,
-                                force=sigterm.received or step == config.steps)
-                if sigterm.received:
-                    stopped = "sigterm"
-                    log(f"SIGTERM: saved step {step} to {checkpoint_dir}; exiting")
-                    break
-            guard.flush()
+        state, history, stopped = loop.run(state)
     finally:
         if ckpt is not None:
             ckpt.close()
