@@ -39,6 +39,13 @@ def _from_dict(cls, d: dict[str, Any], ignore: tuple[str, ...] = ()):
     return cls(**kw)
 
 
+def video_tokens(latent_shape, patch_size: int) -> int:
+    """Video tokens of one sample: T * (h / p) * (w / p) for latents (T, h, w, ...); each latent frame is
+    patchified on its own (no temporal patch)."""
+    t, h, w = latent_shape[:3]
+    return t * (h // patch_size) * (w // patch_size)
+
+
 # Diffusers keys of an SD3.5 transformer that ContentV drops on purpose: its learned 2D position table (ContentV adds
 # a fixed 3D sin-cos table instead). Loaders and converters skip them; every other key must match.
 IGNORED_TRANSFORMER_KEYS = ("pos_embed.pos_embed",)
@@ -79,9 +86,8 @@ class TransformerConfig:
         return self.num_attention_heads * self.attention_head_dim
 
     def video_tokens(self, latent_shape) -> int:
-        """Video tokens of one sample: T * (h / p) * (w / p) for latents (T, h, w, ...) (each frame patchified alone)."""
-        t, h, w = latent_shape[:3]
-        return t * (h // self.patch_size) * (w // self.patch_size)
+        """Video tokens of one sample with latents (T, h, w, ...) (`video_tokens`)."""
+        return video_tokens(latent_shape, self.patch_size)
 
     def to_diffusers_config(self) -> dict[str, Any]:
         return _to_dict(self, "SD3Transformer3DModel")

@@ -90,6 +90,21 @@ def _dummy_inputs(preset: ModelPreset, batch: int = 1):
             jnp.zeros((batch, t.context_tokens, cfg.joint_attention_dim)), jnp.zeros((batch, cfg.pooled_projection_dim)))
 
 
+def train_state_init(model, tx, preset: ModelPreset) -> Callable:
+    """rng -> a fresh TrainState whose leaves are boxed with their logical axis names (eval_shape it for the
+    abstract state and its shardings; unbox it under jit for the real one)."""
+
+    def init_boxed(rng):
+        params = model.init(jax.random.fold_in(rng, 0), *_dummy_inputs(preset))["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+            ema_params=jax.tree.map(jnp.copy, params), rng=rng,
+            nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
+        )
+
+    return init_boxed
+
+
 def create_train_state(model, tx, preset: ModelPreset, mesh, seed: int, rules=shd.DEFAULT_RULES,
                        compiler_options: dict | None = None):
     """(state, state_shardings): parameters are created already sharded, never whole on one host.
@@ -100,14 +115,7 @@ def create_train_state(model, tx, preset: ModelPreset, mesh, seed: int, rules=sh
     3. jit(init, out_shardings=those) so each device only ever holds its shards.
     """
 
-    def init_boxed(rng):
-        params = model.init(jax.random.fold_in(rng, 0), *_dummy_inputs(preset))["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-            ema_params=jax.tree.map(jnp.copy, params), rng=rng,
-            nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
-        )
-
+    init_boxed = train_state_init(model, tx, preset)
     # Init runs outside the rules context: only its output shardings matter, and flax's boxed-param
     # constraints reject repeated logical names (conv kernels) that logical_shardings handles.
     rng = jax.random.PRNGKey(seed)
