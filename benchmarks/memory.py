@@ -110,13 +110,8 @@ def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat:
     model = tr.build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
 
-    def init_boxed(rng):  # the trainer's state, abstractly (train.create_train_state steps 1-2, nothing allocated)
-        params = model.init(jax.random.fold_in(rng, 0), *tr._dummy_inputs(preset))["params"]
-        return tr.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                             ema_params=jax.tree.map(jnp.copy, params), rng=rng,
-                             nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
-
-    boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+    # the trainer's state, abstractly (train.create_train_state steps 1-2, nothing allocated)
+    boxed = jax.eval_shape(tr.train_state_init(model, tx, preset), jax.random.PRNGKey(0))
     shardings = shd.logical_shardings(boxed, mesh)
     state = tr.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
 
@@ -132,14 +127,12 @@ def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat:
                       for n in BATCH_KEYS}
 
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
-        # The trainer's own jit (shardings, donation); LLVM optimisation off: buffer assignment happens before it.
-        compiled = cache._jit.lower(state, abstract_batch).compile(FAST_COMPILE)
+    # The trainer's own jit (shardings, donation); LLVM optimisation off: buffer assignment happens before it.
+    compiled = cache.lower(state, abstract_batch).compile(FAST_COMPILE)
     compile_s = time.perf_counter() - t0
     m = compiled.memory_analysis()
     gib = float(1 << 30)
-    p = cfg.patch_size
-    tokens = t * (h // p) * (w // p)
+    tokens = cfg.video_tokens((t, h, w))
     seq = tokens + L
     row = {
         "model": model_name, "shape": f"{frames}x{height}x{width}", "latent": f"{t}x{h}x{w}", "mesh": mesh_spec,

@@ -18,7 +18,8 @@ rel_err = ||a - b|| / ||b|| per compared pair, and pass / fail against the toler
 `jax.<name>` for several, plus `reference[.<name>]` (the torch fp32 output) in bfloat16 runs. Exit status 0 when
 every gated row passes, 1 otherwise, 2 on bad arguments or inputs.
 
-Transformer folders (`SD3Transformer3DModel`): inputs keys `hidden_states` [B, C, T, H, W],
+Transformer folders (`SD3Transformer3DModel`, or an SD3.5 Large `SD3Transformer2DModel`: its learned 2D position table
+is not used): inputs keys `hidden_states` [B, C, T, H, W],
 `encoder_hidden_states` [B, L, joint_attention_dim], `pooled_projections` [B, pooled_projection_dim],
 `timestep` [B] in [0, 1000]; output [B, out_channels, T, H, W].
 VAE folders (`AutoencoderKLWan`): inputs `video` [B, 3, F, H, W] in [-1, 1] and `latents` [B, z, T, h, w];
@@ -229,6 +230,7 @@ def run_vae(folder: Path, inputs_path: Path | None, dtype: str, seed: int) -> li
 # `_class_name` of the folder's config.json -> runner.
 RUNNERS: dict[str, Runner] = {
     "SD3Transformer3DModel": run_transformer,
+    "SD3Transformer2DModel": run_transformer,  # SD3.5 Large, as `python -m convert` and `--init-from` take it
     "AutoencoderKLWan": run_vae,
 }
 

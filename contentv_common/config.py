@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,18 @@ def _from_dict(cls, d: dict[str, Any], ignore: tuple[str, ...] = ()):
         raise ValueError(f"{cls.__name__}: unknown config keys {unknown}")
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
     return cls(**kw)
+
+
+def video_tokens(latent_shape, patch_size: int) -> int:
+    """Video tokens of one sample: T * (h / p) * (w / p) for latents (T, h, w, ...); each latent frame is
+    patchified on its own (no temporal patch)."""
+    t, h, w = latent_shape[:3]
+    return t * (h // patch_size) * (w // patch_size)
+
+
+# Diffusers keys of an SD3.5 transformer that ContentV drops on purpose: its learned 2D position table (ContentV adds
+# a fixed 3D sin-cos table instead). Loaders and converters skip them; every other key must match.
+IGNORED_TRANSFORMER_KEYS = ("pos_embed.pos_embed",)
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,10 @@ class TransformerConfig:
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
+
+    def video_tokens(self, latent_shape) -> int:
+        """Video tokens of one sample with latents (T, h, w, ...) (`video_tokens`)."""
+        return video_tokens(latent_shape, self.patch_size)
 
     def to_diffusers_config(self) -> dict[str, Any]:
         return _to_dict(self, "SD3Transformer3DModel")
@@ -116,6 +133,15 @@ class VAEConfig:
                 f"{1 + 2 * self.temporal_factor}, ...)"
             )
         return (frames - 1) // self.temporal_factor + 1
+
+    def latent_shape(self, frames: int, height: int, width: int, patch_size: int) -> tuple[int, int, int, int]:
+        """(T, h, w, C) latents of a `frames` x `height` x `width` video: frames 4k+1, height and width positive
+        multiples of spatial factor x `patch_size` (16 for ContentV; no rounding). Errors name the bad size."""
+        t, m, s = self.latent_frames(frames), self.spatial_factor * patch_size, self.spatial_factor
+        if height < m or width < m or height % m or width % m:
+            raise ValueError(f"height {height} and width {width} must be positive multiples of {m} "
+                             f"(VAE factor {s} x patch {patch_size}); no rounding is done")
+        return (t, height // s, width // s, self.z_dim)
 
     def to_diffusers_config(self) -> dict[str, Any]:
         return _to_dict(self, "AutoencoderKLWan")
@@ -177,10 +203,80 @@ class ModelPreset:
         if self.vae.z_dim != x.in_channels:
             raise ValueError(f"{self.name}: VAE z_dim {self.vae.z_dim} != transformer in_channels {x.in_channels}")
 
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(T, h, w, C) normalised latents of a `frames` x `height` x `width` video (`VAEConfig.latent_shape`)."""
+        return self.vae.latent_shape(frames, height, width, self.transformer.patch_size)
+
+
+# ---- CLIP (the reward model's image-text tower pair) ------------------------------------------------
+CLIP_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")  # transformers' hidden_act names
+
+
+@dataclass(frozen=True)
+class CLIPTowerConfig:
+    """One encoder tower (transformers `CLIPTextConfig` / `CLIPVisionConfig` field names and defaults)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    # text only
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77
+    eos_token_id: int = 49407
+    # vision only
+    image_size: int = 224
+    patch_size: int = 32
+    num_channels: int = 3
+
+    def __post_init__(self):
+        if self.hidden_act not in CLIP_ACTIVATIONS:
+            raise ValueError(f"CLIP hidden_act {self.hidden_act!r} unsupported; choose one of {sorted(CLIP_ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"CLIP hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"CLIP image_size {self.image_size} not divisible by patch_size {self.patch_size}")
+
     @property
-    def pixel_multiple(self) -> int:
-        """Pixel sizes must be multiples of this (VAE spatial factor x patch size, 16 for ContentV)."""
-        return self.vae.spatial_factor * self.transformer.patch_size
+    def num_positions(self) -> int:
+        """Vision: class token + patches."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+_TEXT_DEFAULTS = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8}
+_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    text: CLIPTowerConfig
+    vision: CLIPTowerConfig
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+
+    @classmethod
+    def from_transformers(cls, d: Mapping[str, Any]) -> CLIPConfig:
+        """From a transformers `CLIPModel` `config.json` dict; fields it omits take transformers' defaults,
+        fields other than ours (dropout, init ranges, old-version metadata) are ignored."""
+        if d.get("model_type", "clip") != "clip":
+            raise ValueError(f"CLIP config: model_type {d.get('model_type')!r} is not 'clip'")
+        names = {f.name for f in dataclasses.fields(CLIPTowerConfig)}
+
+        def tower(sub: str, defaults: dict) -> CLIPTowerConfig:
+            section = d.get(sub) or d.get(f"{sub}_dict")  # transformers < 4.27 wrote `text_config_dict` too
+            if not isinstance(section, Mapping):
+                raise ValueError(  # noqa: TRY004 - a bad file, not a bad argument type
+                    f"CLIP config: missing the {sub!r} section of a CLIPModel config.json")
+            return CLIPTowerConfig(**{**defaults, **{k: v for k, v in section.items() if k in names}})
+
+        return cls(
+            text=tower("text_config", _TEXT_DEFAULTS),
+            vision=tower("vision_config", _VISION_DEFAULTS),
+            projection_dim=int(d.get("projection_dim", 512)),
+            logit_scale_init_value=float(d.get("logit_scale_init_value", 2.6592)),
+        )
 
 
 PRESETS: dict[str, ModelPreset] = {

@@ -47,14 +47,14 @@ from pathlib import Path
 
 import numpy as np
 
-from contentv_common.weights import atomic_file
+from contentv_common.buckets import BatchSource, Bucket
+from contentv_common.weights import SAFETENSORS_DTYPES, atomic_file, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "contentv-latents", 1
 MANIFEST_NAME = "manifest.json"
 TENSORS = ("latents", "context", "pooled")  # per-row crc32 order; also the batch keys of the trainer
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 class CorruptDataError(ValueError):
@@ -143,6 +143,10 @@ def write_dataset(folder: str | Path, samples, vae_config, dtype: str = "float32
     return folder
 
 
+PROMPTS_KEY = "prompts"  # prompt-embeddings files: the header metadata entry holding the prompts
+PROMPT_TENSORS = ("context", "pooled", "negative_context", "negative_pooled")
+
+
 def write_negative(folder: str | Path, context: np.ndarray, pooled: np.ndarray, dtype: str = "float32",
                    prompt: str = "") -> dict:
     """Write the negative (empty) prompt's embeddings context [L, J], pooled [P] atomically; returns the
@@ -154,6 +158,44 @@ def write_negative(folder: str | Path, context: np.ndarray, pooled: np.ndarray, 
         save_file({"context": np.asarray(context, np.float32)[None].astype(dt),
                    "pooled": np.asarray(pooled, np.float32)[None].astype(dt)}, str(tmp))
     return {"file": "negative.safetensors", "prompt": prompt}
+
+
+def write_prompt_embeddings(path: str | Path, prompts: Sequence[str], context: np.ndarray, pooled: np.ndarray,
+                            negative_context: np.ndarray, negative_pooled: np.ndarray) -> Path:
+    """One safetensors file of prompts with their DiT conditioning (RLHF's `--prompts`), written atomically:
+    context [N, L, J], pooled [N, P], negative_context [L, J], negative_pooled [P] (the empty prompt) float32;
+    the prompts (JSON list) in the header's metadata."""
+    from safetensors.numpy import save_file
+
+    n = len(prompts)
+    if n == 0 or np.shape(context)[0] != n or np.shape(pooled)[0] != n:
+        raise ValueError(f"{n} prompts with context {np.shape(context)}, pooled {np.shape(pooled)}")
+    tensors = {"context": context, "pooled": pooled, "negative_context": negative_context, "negative_pooled": negative_pooled}
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(tmp),
+                  metadata={PROMPTS_KEY: json.dumps(list(prompts))})
+    return path
+
+
+def read_prompt_embeddings(path: str | Path) -> dict:
+    """`write_prompt_embeddings`' file -> {"prompts": [N] str, "context", "pooled", "negative_context",
+    "negative_pooled"} (float32 numpy); a file that is not one raises ValueError naming it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+            out = {k: f.get_tensor(k).astype(np.float32) for k in PROMPT_TENSORS}
+    except Exception as e:  # a text file or a safetensors file of another kind: name what it must be
+        raise ValueError(f"{path}: not a prompt-embeddings file (write one with `python -m "
+                         f"contentv_torch.encode_prompts`): {e}") from None
+    if PROMPTS_KEY not in meta:
+        raise ValueError(f"{path}: no {PROMPTS_KEY!r} metadata; not written by contentv_torch.encode_prompts")
+    return {"prompts": json.loads(meta[PROMPTS_KEY]), **out}
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> Path:
@@ -177,10 +219,7 @@ def _read_header(path: Path, dtype: np.dtype) -> dict[str, _Tensor]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
+            base, header = read_safetensors_header(f, size)
     except FileNotFoundError:
         raise CorruptDataError(f"shard {path}: file missing") from None
     except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
@@ -192,10 +231,10 @@ def _read_header(path: Path, dtype: np.dtype) -> dict[str, _Tensor]:
         h = header[k]
         a, b = h["data_offsets"]
         shape = tuple(h["shape"])
-        if _ST_DTYPES.get(h["dtype"]) != dtype.name or b - a != int(np.prod(shape)) * dtype.itemsize or 8 + n + b > size:
+        if SAFETENSORS_DTYPES.get(h["dtype"]) != dtype.name or b - a != int(np.prod(shape)) * dtype.itemsize or base + b > size:
             raise CorruptDataError(f"shard {path}: tensor {k!r} ({h['dtype']} {list(shape)}, bytes {a}..{b}) does not "
                                    f"match the manifest dtype {dtype.name} or the file size {size}")
-        out[k] = _Tensor(8 + n + a, (b - a) // max(shape[0], 1), shape)
+        out[k] = _Tensor(base + a, (b - a) // max(shape[0], 1), shape)
     return out
 
 
@@ -354,7 +393,7 @@ class LatentDataset:
         bad = [f"{k} {got[k]} (model: {want[k]})" for k in want if got[k] != want[k]]
         for s in self.shards:
             f, h, w = s["bucket"]
-            expect = [v.latent_frames(f), h // v.spatial_factor, w // v.spatial_factor, v.z_dim]
+            expect = list(v.latent_shape(f, h, w, patch_size=1))  # encoded sizes: multiples of the VAE factor
             if list(s["latent_shape"]) != expect:
                 bad.append(f"shard {s['file']} latent shape {s['latent_shape']} for bucket {s['bucket']} (model: {expect})")
                 break
@@ -367,20 +406,14 @@ def dynamic_batch_sizes(shapes: Sequence[tuple[int, int, int]], preset, tokens_p
     """The paper's dynamic batch: per pixel shape (F, H, W), the batch whose video tokens per step
     (batch * T * (h/p) * (w/p)) come nearest to `tokens_per_step` from below, a multiple of `multiple`
     (at least `multiple`). -> [Bucket(F, H, W, batch)]."""
-    from contentv_jax.data import (
-        Bucket,  # the trainer's Bucket type (a plain dataclass; no JAX import)
-    )
-
     out = []
     for f, h, w in shapes:
-        t, lh, lw, _ = Bucket(f, h, w, 1).latent_shape(preset)
-        p = preset.transformer.patch_size
-        tokens = t * (lh // p) * (lw // p)
+        tokens = Bucket(f, h, w, 1).video_tokens(preset)
         out.append(Bucket(f, h, w, max(multiple, tokens_per_step // tokens // multiple * multiple)))
     return out
 
 
-class ShardedLatentSource:
+class ShardedLatentSource(BatchSource):
     """The trainer's `BatchSource` over a dataset folder (see contentv_jax.data for the protocol).
 
     buckets: the trainer's `Bucket`s (frames, height, width, global batch); dataset records of other shapes are
@@ -402,8 +435,6 @@ class ShardedLatentSource:
     def __init__(self, path: str | Path, preset, buckets: Sequence | None = None, *, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, image_ratio: float | None = None,
                  tokens_per_step: int | None = None, on_corrupt: str = "error", prefetch: int = 2):
-        from contentv_jax.data import Bucket
-
         self.ds = LatentDataset(path, on_corrupt)
         self.ds.check_compatible(preset)
         self.seed, self.process_index, self.process_count = int(seed), int(process_index), int(process_count)
@@ -520,6 +551,9 @@ class ShardedLatentSource:
         """For the trainer's metrics (on_corrupt="skip"): records of shards found unreadable at open (never served)
         and records replaced in served batches after a failed checksum, so far (this process)."""
         return {"data_unreadable_records": self.ds.skipped_records, "data_corrupt_records": self.corrupt_records}
+
+    def unreadable_shards(self) -> list[str]:
+        return list(self.ds.bad_shards)
 
     def null_text(self) -> tuple[np.ndarray, np.ndarray]:
         """The empty prompt's (context [L, J], pooled [P]) float32 from negative.safetensors (caption dropout);

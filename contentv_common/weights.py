@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -21,6 +22,26 @@ CONFIG_NAME = "config.json"
 # transformers `save_pretrained` writes the same formats under these names; read them the same way.
 HF_WEIGHTS_NAME = "model.safetensors"
 HF_INDEX_NAME = "model.safetensors.index.json"
+
+
+# safetensors dtype tags -> numpy dtype names ("bfloat16" needs ml_dtypes imported to become a numpy dtype).
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_safetensors_header(f, size: int | None = None) -> tuple[int, dict[str, dict]]:
+    """(data start offset, {key: {"dtype", "shape", "data_offsets"}}) of the safetensors file open in binary mode
+    as `f` (at position 0), metadata left out. With `size` (the file's), a header longer than the file raises.
+    Malformed headers raise ValueError (struct.error, JSON and Unicode errors included)."""
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise ValueError("file shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", raw)
+    if size is not None and n > size - 8:
+        raise ValueError(f"header length {n} exceeds the file size {size}")
+    header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
 
 
 class KeyMismatchError(ValueError):

@@ -9,12 +9,19 @@ keeps its previous checkpoint.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from contentv_common.cli import UsageError, UserError
+
+
+class NotACheckpointError(ValueError):
+    """A path that holds no checkpoint of this trainer (or lacks the asked-for item); the message names it."""
 
 
 class Checkpointer:
@@ -109,6 +116,8 @@ def resume_flag(text: str) -> str:
 
 def check_resume(checkpoint_dir: str | Path | None, resume: str) -> None:
     """The --resume / --checkpoint-dir combination, checked before the run creates anything."""
+    if resume not in ("auto", "no") and not resume.isdigit():
+        raise UsageError(f"--resume {resume!r}: expected auto, no or a step number")
     if resume.isdigit() and not checkpoint_dir:
         raise UsageError(f"--resume {resume} needs --checkpoint-dir")
     steps = saved_steps(checkpoint_dir) if checkpoint_dir else []
@@ -137,3 +146,82 @@ def check_state_matches(item: Path, abstract_state) -> None:
         if tuple(a.shape) != tuple(b.shape) or str(a.dtype) != str(b.dtype):
             raise UserError(f"{item.parent}: {name} is {a.dtype}{list(a.shape)} in the checkpoint, "
                             f"{b.dtype}{list(b.shape)} in this run; {hint}")
+
+
+def step_item(path: str | Path, step: int | None = None) -> Path:
+    """The `state` item of checkpoint `step` (default the latest) of a checkpoint dir, or of one step dir."""
+    path = Path(path).absolute()
+    steps = saved_steps(path)
+    if steps:
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"{path}: no checkpoint at step {step}; have {steps}")
+        return path / str(step) / "state"
+    if (path / "state").is_dir():
+        return path / "state"
+    raise NotACheckpointError(f"{path}: not a contentv_jax checkpoint (no numbered step dirs with a 'state' item)")
+
+
+def open_params(path: str | Path, ema: bool = False, step: int | None = None
+                ) -> tuple[dict[str, tuple], dict[str, np.dtype], Callable[[str, int | None], np.ndarray]]:
+    """The raw (or EMA) params of a checkpoint, leaf by leaf, without restoring the train state: for converters.
+
+    Returns (shapes, dtypes, read_leaf_row), keyed by "/"-joined Flax paths; read_leaf_row(key, row) -> that
+    leaf's row `row` of its leading (scanned-layer) axis, or the whole leaf for row None, as numpy. Shapes come
+    from orbax's metadata; rows are read from the tensorstore array orbax wrote (a stacked fp32 leaf of
+    ContentV-8B, 5 GB, is never whole in memory), which orbax's restore API cannot do. Nothing else in the
+    project reads this layout, so an orbax upgrade that changes it breaks here, next to the writer."""
+    item = step_item(path, step)
+    meta = ocp.PyTreeCheckpointer().metadata(item)
+    tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+    tree = getattr(tree, "tree", tree)
+    key = "ema_params" if ema else "params"
+    if not isinstance(tree, Mapping) or key not in tree:
+        have = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+        raise NotACheckpointError(f"{item}: training state has no {key!r} (has {have})"
+                                  + ("" if ema else "; pass --ema for EMA params"))
+    params_meta, prefix = tree[key], (key,)
+    if isinstance(params_meta, Mapping) and set(params_meta) == {"params"}:  # a {"params": {...}} variables dict
+        params_meta, prefix = params_meta["params"], (key, "params")
+    flat = _flatten(params_meta)
+    open_array = _array_opener(item)
+    opened: dict[str, Any] = {}
+
+    def read_leaf_row(name: str, row: int | None) -> np.ndarray:
+        if name not in opened:  # one leaf open at a time
+            opened.clear()
+            opened[name] = open_array(".".join((*prefix, *name.split("/"))))
+        arr = opened[name]
+        return np.asarray((arr[row] if row is not None else arr).read().result())
+
+    return ({k: tuple(m.shape) for k, m in flat.items()}, {k: np.dtype(m.dtype) for k, m in flat.items()},
+            read_leaf_row)
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        out.update(_flatten(v, name + "/") if isinstance(v, Mapping) else {name: v})
+    return out
+
+
+def _array_opener(item: Path) -> Callable[[str], Any]:
+    """name -> opened tensorstore array of an orbax PyTree item (its `_METADATA` says zarr2/zarr3, OCDBT or not)."""
+    import json
+
+    import tensorstore as ts
+
+    meta = json.loads((item / "_METADATA").read_text())
+    driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+    context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 0}})
+
+    def open_array(name: str):
+        if meta.get("use_ocdbt", True):
+            kv = {"driver": "ocdbt", "base": {"driver": "file", "path": f"{item}/"}, "path": name,
+                  "cache_pool": "cache_pool#ocdbt"}
+        else:
+            kv = {"driver": "file", "path": f"{item}/{name}/"}
+        return ts.open({"driver": driver, "kvstore": kv}, context=context, open=True).result()
+
+    return open_array

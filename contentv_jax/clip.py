@@ -14,15 +14,13 @@ differentiable preprocessing); H = W = `vision.image_size`.
 """
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from contentv_common.config import CLIP_ACTIVATIONS, CLIPConfig, CLIPTowerConfig  # noqa: F401  (re-exported)
 from contentv_jax.sharding import constrain
 
 ACTIVATIONS = {
@@ -31,73 +29,7 @@ ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
-
-
-@dataclass(frozen=True)
-class CLIPTowerConfig:
-    """One encoder tower (transformers `CLIPTextConfig` / `CLIPVisionConfig` field names and defaults)."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    # text only
-    vocab_size: int = 49408
-    max_position_embeddings: int = 77
-    eos_token_id: int = 49407
-    # vision only
-    image_size: int = 224
-    patch_size: int = 32
-    num_channels: int = 3
-
-    def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"CLIP hidden_act {self.hidden_act!r} unsupported; choose one of {sorted(ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"CLIP hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"CLIP image_size {self.image_size} not divisible by patch_size {self.patch_size}")
-
-    @property
-    def num_positions(self) -> int:
-        """Vision: class token + patches."""
-        return (self.image_size // self.patch_size) ** 2 + 1
-
-
-_TEXT_DEFAULTS = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8}
-_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
-
-
-@dataclass(frozen=True)
-class CLIPConfig:
-    text: CLIPTowerConfig
-    vision: CLIPTowerConfig
-    projection_dim: int = 512
-    logit_scale_init_value: float = 2.6592
-
-    @classmethod
-    def from_transformers(cls, d: Mapping[str, Any]) -> CLIPConfig:
-        """From a transformers `CLIPModel` `config.json` dict; fields it omits take transformers' defaults,
-        fields other than ours (dropout, init ranges, old-version metadata) are ignored."""
-        if d.get("model_type", "clip") != "clip":
-            raise ValueError(f"CLIP config: model_type {d.get('model_type')!r} is not 'clip'")
-        names = {f.name for f in dataclasses.fields(CLIPTowerConfig)}
-
-        def tower(sub: str, defaults: dict) -> CLIPTowerConfig:
-            section = d.get(sub) or d.get(f"{sub}_dict")  # transformers < 4.27 wrote `text_config_dict` too
-            if not isinstance(section, Mapping):
-                raise ValueError(  # noqa: TRY004 - a bad file, not a bad argument type
-                    f"CLIP config: missing the {sub!r} section of a CLIPModel config.json")
-            return CLIPTowerConfig(**{**defaults, **{k: v for k, v in section.items() if k in names}})
-
-        return cls(
-            text=tower("text_config", _TEXT_DEFAULTS),
-            vision=tower("vision_config", _VISION_DEFAULTS),
-            projection_dim=int(d.get("projection_dim", 512)),
-            logit_scale_init_value=float(d.get("logit_scale_init_value", 2.6592)),
-        )
+assert set(ACTIVATIONS) == set(CLIP_ACTIVATIONS), "the config's activation names and their functions must agree"
 
 
 def _dense(features: int, names: tuple[str, str], use_bias: bool = True, name: str | None = None, dtype=jnp.float32):

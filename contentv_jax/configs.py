@@ -1,4 +1,5 @@
-"""Training configs as code: one small function per stage of the ContentV recipe (STYLE #1).
+"""Training configs as code: one small function per stage of the ContentV recipe (readable, diffable,
+no copied YAML files to drift apart).
 
 `get_config("tiny")`, `get_config("small/joint")`, `get_config("contentv-8b/sft")`: `<model>[/<stage>]`,
 the model a preset of contentv_common.config.PRESETS, the stage one of STAGES (default the first).
@@ -29,8 +30,9 @@ import ml_collections
 from contentv_common.cli import UsageError
 from contentv_common.config import get_preset
 from contentv_common.schedule import DEFAULT_SIGMA_GRID
+from contentv_jax.sharding import DEFAULT_RULES
 
-STAGES = ("video_lowres", "joint", "duration", "resolution", "sft")
+STAGES = ("video_lowres", "joint", "duration", "resolution", "sft")  # the trainer's; "rlhf" is contentv_jax.rlhf's
 
 # Per model size: the pixel shapes of each stage. (frames, height, width, batch) per bucket.
 _SHAPES = {
@@ -130,6 +132,7 @@ def base(model: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint_every = 500 if big else 50
     c.keep_checkpoints = 3
     c.max_nonfinite = 20  # consecutive skipped (non-finite) updates before the run stops
+    c.sharding_rules = DEFAULT_RULES  # (logical axis name, mesh axes) pairs; validated by sharding.rules_from_config
     c.peak_tflops_per_device = 0.0  # 0: look it up from the device kind (metrics.peak_flops)
 
     c.eval = ml_collections.ConfigDict()
@@ -187,17 +190,64 @@ def sft(model: str = "tiny") -> ml_collections.ConfigDict:
     return _stage(model, "sft")
 
 
-_STAGE_FNS = {"video_lowres": video_lowres, "joint": joint, "duration": duration, "resolution": resolution, "sft": sft}
+def rlhf(model: str = "tiny") -> ml_collections.ConfigDict:
+    """RLHF after SFT (contentv_jax.rlhf). `python -m contentv_jax.rlhf --config <model>[/rlhf] --reward <CLIP folder>`.
+
+    rlhf.lam: reward weight; grad_window (lo, hi): the gradient step k is drawn uniformly from these indices
+    of the rollout schedule (0 = pure noise, rollout_steps - 1 = the last step); fm_every / fm_weight: the
+    flow-matching regulariser on SFT batches (0 = never); decode_remat: rematerialise the VAE decoder in
+    the backward pass; frames / height / width / batch: the generated clips (only latent frame 0 is decoded);
+    eval_every: steps between evaluations (mean reward of full samples, `eval_noise` fixed noises per prompt).
+    """
+    preset = get_preset(model)
+    big = model == "contentv-8b"
+    c = sft(model)
+    c.unlock()
+    c.stage = "rlhf"
+    c.steps = 2000 if big else 60
+    c.optim.lr = 1e-5 if big else 3e-4
+    c.optim.warmup_steps = 50 if big else 0
+    c.optim.decay = "constant"
+    c.log_every = 10 if big else 5
+    frames, height, width, _ = c.data.buckets[0]
+    c.rlhf = ml_collections.ConfigDict()
+    r = c.rlhf
+    r.reward = ""  # transformers CLIPModel folder (PickScore: yuvalkirstain/PickScore_v1)
+    r.reward_processor = ""  # folder with preprocessor_config.json + CLIPTokenizer files (default: r.reward)
+    r.vae = ""  # Wan VAE folder (diffusers layout); empty: random VAE of the preset (plumbing only)
+    r.prompts = ""  # prompt-embeddings file (python -m contentv_torch.encode_prompts); empty: the SFT source's captions
+    r.num_prompts = 1024 if big else 16  # dataset captions used as prompts (without r.prompts)
+    r.num_heldout = 4  # prompts kept out of training, scored every eval_every steps
+    r.lam = 1e-3 if big else 1.0
+    r.rollout_steps = 25 if big else preset.num_steps
+    r.guidance = preset.guidance_scale if big else 1.0
+    r.shift = preset.shift
+    r.sigma_grid = c.eval.sigma_grid  # the rollout's sigma grid, as the sampler's (schedule.SIGMA_GRIDS)
+    r.grad_window = (15, 24) if big else (preset.num_steps // 2, preset.num_steps - 1)
+    r.fm_every = 1
+    r.fm_weight = 1.0
+    r.decode_remat = big
+    r.frames, r.height, r.width = (29, 256, 448) if big else (frames, height, width)
+    r.batch = 64 if big else 4
+    r.eval_every = 200 if big else 10
+    r.eval_noise = 1 if big else 2  # noise draws per evaluation prompt (fixed for the whole run)
+    c.lock()
+    return c
 
 
-def get_config(spec: str = "tiny") -> ml_collections.ConfigDict:
-    """'<model>[/<stage>]' -> the stage's locked config; unknown names raise naming the choices."""
+_STAGE_FNS = {"video_lowres": video_lowres, "joint": joint, "duration": duration, "resolution": resolution, "sft": sft,
+              "rlhf": rlhf}
+
+
+def get_config(spec: str = "tiny", stages=STAGES) -> ml_collections.ConfigDict:
+    """'<model>[/<stage>]' -> the stage's locked config, the stage one of `stages` (default its first: the trainer
+    runs STAGES, `contentv_jax.rlhf` the "rlhf" stage); unknown names raise naming the choices."""
     model, _, stage = spec.partition("/")
-    stage = stage or STAGES[0]
+    stage = stage or stages[0]
     if model not in _SHAPES:
         raise ValueError(f"--config {spec!r}: unknown model {model!r}; choose one of {sorted(_SHAPES)}")
-    if stage not in _STAGE_FNS:
-        raise ValueError(f"--config {spec!r}: unknown stage {stage!r}; choose one of {list(STAGES)}")
+    if stage not in stages:
+        raise ValueError(f"--config {spec!r}: unknown stage {stage!r}; choose one of {list(stages)}")
     return _STAGE_FNS[stage](model)
 
 
@@ -341,4 +391,4 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 _MISSING = object()
 # Fields naming inputs (empty = none); data.name is a dataset path unless "synthetic".
 _PATH_FIELDS = ("init_from", "data.name", "eval.vae", "rlhf.reward", "rlhf.reward_processor", "rlhf.vae",
-                "rlhf.prompts", "rlhf.text_encoders")
+                "rlhf.prompts")

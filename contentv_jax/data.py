@@ -1,27 +1,17 @@
 """The trainer's batch interface and the built-in synthetic captioned set.
 
-A batch source is anything with this small interface (`BatchSource`):
-  buckets             - the static shapes it yields: `Bucket`s (pixel frames, height, width, global batch);
-  next() -> batch     - this process's rows of the next global batch, numpy:
-                          latents [B_local, T, h, w, 16] float32, normalised ((z - mean) / std, channels-last),
-                          context [B_local, L, joint] float32, pooled [B_local, P] float32,
-                        with (T, h, w) = `Bucket.latent_shape(preset)` of one of `buckets`;
-  state() -> dict     - JSON-serialisable exact data position (saved in every checkpoint);
-  restore(state)      - continue from that position: next() then yields exactly what it would have.
-Optional: eval_prompts(n) -> {"names", "context" [n,L,J], "pooled" [n,P], "neg_context", "neg_pooled"}
-  (numpy), the fixed prompts of the trainer's evaluation samples.
-Optional: null_text() -> (context [L,J], pooled [P]) of the empty prompt (needed by flow.caption_dropout > 0)
+A batch source subclasses `BatchSource` (contentv_common.buckets: its required and optional members, with
+defaults, and the batch shapes); the on-disk dataset (`contentv_common.dataset.ShardedLatentSource`) is one.
 Global batch = the rows of all processes, in process order (`jax.make_array_from_process_local_data`).
-An on-disk dataset implements the same four members.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from contentv_common.buckets import BatchSource, Bucket, buckets_from_config  # noqa: F401  (the trainers' types)
 from contentv_common.config import ModelPreset
 from contentv_common.dataset import ON_CORRUPT, ShardedLatentSource
 
@@ -29,40 +19,7 @@ BATCH_NDIMS = {"latents": 5, "context": 3, "pooled": 2}  # array name -> rank; t
 BATCH_KEYS = tuple(BATCH_NDIMS)
 
 
-@dataclass(frozen=True)
-class Bucket:
-    """One static training shape: `frames` x `height` x `width` pixels (frames 4k+1; 1 = image), global `batch`."""
-
-    frames: int
-    height: int
-    width: int
-    batch: int
-
-    def latent_shape(self, preset: ModelPreset) -> tuple[int, int, int, int]:
-        """(T, h, w, C) of the normalised latents for this bucket; errors name the bad size."""
-        m, f = preset.pixel_multiple, preset.vae.spatial_factor
-        if self.height % m or self.width % m:
-            raise ValueError(f"bucket {self}: height and width must be multiples of {m} for {preset.name}")
-        if self.batch < 1:
-            raise ValueError(f"bucket {self}: batch must be >= 1")
-        return (preset.vae.latent_frames(self.frames), self.height // f, self.width // f, preset.vae.z_dim)
-
-
-def buckets_from_config(items) -> list[Bucket]:
-    return [Bucket(*map(int, b)) for b in items]
-
-
-class BatchSource(Protocol):
-    buckets: Sequence[Bucket]
-
-    def next(self) -> dict[str, np.ndarray]: ...
-
-    def state(self) -> dict: ...
-
-    def restore(self, state: dict) -> None: ...
-
-
-class SyntheticCaptionedSource:
+class SyntheticCaptionedSource(BatchSource):
     """A captioned 'video' set made on the fly, learnable and exactly resumable.
 
     Caption i has fixed random text embeddings (context [L, joint], pooled [P], from seed + i) and a fixed

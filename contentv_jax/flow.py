@@ -20,6 +20,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from contentv_common import config as config_lib
 from contentv_common.schedule import NUM_TRAIN_TIMESTEPS, shift_sigmas, token_dependent_shift
 
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
@@ -28,9 +29,8 @@ LOSS_WEIGHTINGS = ("none", "cosmap", "sigma_sqrt")
 
 
 def video_tokens(latent_shape, patch_size: int) -> int:
-    """Tokens of one sample: latents [B, T, h, w, C] -> T * (h / p) * (w / p)."""
-    _, t, h, w, _ = latent_shape
-    return t * (h // patch_size) * (w // patch_size)
+    """Tokens of one sample of latents [B, T, h, w, C] (`contentv_common.config.video_tokens`)."""
+    return config_lib.video_tokens(latent_shape[1:], patch_size)
 
 
 def training_shift(cfg, num_tokens: int) -> float:

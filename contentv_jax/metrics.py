@@ -34,9 +34,8 @@ def transformer_flops(cfg: TransformerConfig, latent_shape, text_tokens: int, ba
     2*N*D^2 and 16*N*D^2), adaLN 2*D*6D per stream. Plus patch embedding, context / pooled / timestep
     embedders and the output head. A training step is 3x this (forward + backward; remat recompute not counted).
     """
-    t, h, w = latent_shape[:3]
     p, d = cfg.patch_size, cfg.inner_dim
-    n = t * (h // p) * (w // p)
+    n = cfg.video_tokens(latent_shape)
     s = n + text_tokens
     block = 6 * s * d * d + 4 * s * s * d + 2 * s * d * d + 16 * s * d * d + 2 * 2 * d * 6 * d
     last = 6 * s * d * d + 4 * s * s * d + 2 * n * d * d + 16 * n * d * d + 2 * d * 6 * d + 2 * d * 2 * d

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from contentv_common.config import read_json
-from contentv_jax.clip import CLIP, CLIPConfig, unit
+from contentv_common.config import CLIPConfig
+from contentv_jax.clip import CLIP, unit
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

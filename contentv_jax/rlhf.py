@@ -39,6 +39,7 @@ import numpy as np
 
 from contentv_common.cli import UsageError, add_debug_flag, output_dir, output_file, positive_int, run_cli
 from contentv_common.config import ModelPreset, get_preset
+from contentv_common.dataset import read_prompt_embeddings
 from contentv_common.latents import denormalize_latents
 from contentv_common.schedule import flow_match_sigmas
 from contentv_jax import configs as configs_lib
@@ -50,66 +51,16 @@ from contentv_jax.metrics import MetricsWriter
 from contentv_jax.optim import apply_update, lr_schedule, make_optimizer
 from contentv_jax.reward import RewardModel
 from contentv_jax.sampler import euler_sample
-from contentv_jax.train import (
-    TrainState,
-    abstract_with_shardings,
-    build_model,
-    create_train_state,
-    init_params_from,
-    place_batch,
-)
+from contentv_jax.run import Loop, StepCache, ThroughputWindow, resume_or_init, resume_step
+from contentv_jax.train import TrainState, build_model, create_train_state, place_batch
 
+PROG = "python -m contentv_jax.rlhf"
 sg = jax.lax.stop_gradient
 
 
-# ------------------------------------------------------------------------------------------------
-# Config (STYLE #1): the trainer's SFT stage of the same model plus an `rlhf` section.
-
-
 def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
-    """RLHF after SFT. `python -m contentv_jax.rlhf --config <model> --reward <CLIPModel folder>`.
-
-    rlhf.lam: reward weight; grad_window (lo, hi): the gradient step k is drawn uniformly from these indices
-    of the rollout schedule (0 = pure noise, rollout_steps - 1 = the last step); fm_every / fm_weight: the
-    flow-matching regulariser on SFT batches (0 = never); decode_remat: rematerialise the VAE decoder in
-    the backward pass; frames / height / width / batch: the generated clips (only latent frame 0 is decoded);
-    eval_every: steps between evaluations (mean reward of full samples, `eval_noise` fixed noises per prompt).
-    """
-    preset = get_preset(model)
-    big = model == "contentv-8b"
-    c = configs_lib.get_config(f"{model}/sft")
-    c.unlock()
-    c.stage = "rlhf"
-    c.steps = 2000 if big else 60
-    c.optim.lr = 1e-5 if big else 3e-4
-    c.optim.warmup_steps = 50 if big else 0
-    c.optim.decay = "constant"
-    c.log_every = 10 if big else 5
-    frames, height, width, _ = c.data.buckets[0]
-    c.rlhf = ml_collections.ConfigDict()
-    r = c.rlhf
-    r.reward = ""  # transformers CLIPModel folder (PickScore: yuvalkirstain/PickScore_v1)
-    r.reward_processor = ""  # folder with preprocessor_config.json + CLIPTokenizer files (default: r.reward)
-    r.vae = ""  # Wan VAE folder (diffusers layout); empty: random VAE of the preset (plumbing only)
-    r.prompts = ""  # text file, one prompt per line; empty: the SFT source's captions
-    r.text_encoders = ""  # ContentV / SD3.5 folder with the text encoders, needed with r.prompts
-    r.num_prompts = 1024 if big else 16  # dataset captions used as prompts (without r.prompts)
-    r.num_heldout = 4  # prompts kept out of training, scored every eval_every steps
-    r.lam = 1e-3 if big else 1.0
-    r.rollout_steps = 25 if big else preset.num_steps
-    r.guidance = preset.guidance_scale if big else 1.0
-    r.shift = preset.shift
-    r.sigma_grid = c.eval.sigma_grid  # the rollout's sigma grid, as the sampler's (schedule.SIGMA_GRIDS)
-    r.grad_window = (15, 24) if big else (preset.num_steps // 2, preset.num_steps - 1)
-    r.fm_every = 1
-    r.fm_weight = 1.0
-    r.decode_remat = big
-    r.frames, r.height, r.width = (29, 256, 448) if big else (frames, height, width)
-    r.batch = 64 if big else 4
-    r.eval_every = 200 if big else 10
-    r.eval_noise = 1 if big else 2  # noise draws per evaluation prompt (fixed for the whole run)
-    c.lock()
-    return c
+    """The `rlhf` stage of `model` (`contentv_jax.configs.rlhf`): `--config <model>[/rlhf]` in both CLIs."""
+    return configs_lib.get_config(f"{model}/rlhf", stages=("rlhf",))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,35 +88,16 @@ class PromptSet:
         """Up to n captions of a batch source with the trainer's `eval_prompts(n)` (the synthetic set: its
         captions, zero negatives; a dataset folder: its first readable records, its stored empty prompt)."""
         if not hasattr(source, "eval_prompts"):
-            raise ValueError(f"{type(source).__name__} has no eval_prompts(n); pass --prompts FILE --text-encoders DIR")
+            raise ValueError(f"{type(source).__name__} has no eval_prompts(n); pass --prompts FILE.safetensors")
         p = source.eval_prompts(n)
         return cls(list(p["names"]), np.asarray(p["context"]), np.asarray(p["pooled"]),
                    np.asarray(p["neg_context"][0]), np.asarray(p["neg_pooled"][0]))
 
     @classmethod
-    def from_file(cls, path: str | Path, text_encoders: str | Path, max_sequence_length: int, chunk: int = 8) -> PromptSet:
-        """One prompt per non-empty line of `path`, encoded once with the folder's CLIP-L / bigG / T5 (PyTorch)."""
-        import torch
-        from tqdm import tqdm
-
-        from contentv_torch.text import TextEncoders
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompts {path}: no such file")
-        prompts = [p.strip() for p in path.read_text().splitlines() if p.strip()]
-        if not prompts:
-            raise ValueError(f"--prompts {path}: no prompts")
-        enc = TextEncoders.from_pretrained(text_encoders)
-        ctx, pooled = [], []
-        with torch.no_grad():
-            for i in tqdm(range(0, len(prompts), chunk), desc="encoding prompts"):
-                e = enc.encode(prompts[i : i + chunk], do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
-                ctx.append(e.prompt_embeds.float().numpy())
-                pooled.append(e.pooled.float().numpy())
-            neg = enc.encode("", do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
-        return cls(prompts, np.concatenate(ctx), np.concatenate(pooled), neg.prompt_embeds[0].float().numpy(),
-                   neg.pooled[0].float().numpy())
+    def from_file(cls, path: str | Path) -> PromptSet:
+        """A prompt-embeddings file written by `python -m contentv_torch.encode_prompts` (no torch needed here)."""
+        d = read_prompt_embeddings(path)
+        return cls(d["prompts"], d["context"], d["pooled"], d["negative_context"], d["negative_pooled"])
 
     def split(self, num_heldout: int) -> tuple[PromptSet, PromptSet]:
         """(train, held-out): the last `num_heldout` prompts are held out."""
@@ -259,8 +191,9 @@ def make_objective(config, model, vae, reward: RewardModel, prompts: PromptSet) 
     )
 
 
-def make_rlhf_step(obj: RLHFObjective, tx, config, with_fm: bool) -> Callable:
-    """(state, frozen, batch, sft_batch) -> (state, metrics); sft_batch (trainer batch) is used iff with_fm."""
+def make_rlhf_step(obj: RLHFObjective, tx, config) -> Callable:
+    """(state, frozen, batch, sft_batch) -> (state, metrics); sft_batch (a trainer batch) adds the flow-matching
+    regulariser, None leaves it out (a different argument tree: `StepCache` compiles each variant once)."""
     r = config.rlhf
     schedule = lr_schedule(config.optim, config.steps)
     patch = obj.preset.transformer.patch_size
@@ -271,7 +204,7 @@ def make_rlhf_step(obj: RLHFObjective, tx, config, with_fm: bool) -> Callable:
         def loss_fn(params):
             loss, aux = obj.loss(params, frozen, batch, jax.random.fold_in(rng, 0))
             aux = dict(aux)
-            if with_fm:
+            if sft_batch is not None:
                 fm = flow_matching_loss(obj.apply, params, sft_batch, jax.random.fold_in(rng, 1), config.flow, patch)[0]
                 loss, aux["fm_loss"] = loss + r.fm_weight * fm, fm
             return loss, aux
@@ -325,7 +258,7 @@ def load_vae(r, preset: ModelPreset, seed: int):
     return WanVAE(preset.vae, remat_decoder=bool(r.decode_remat)), params
 
 
-def _place(tree, mesh, rules, batch_axis: bool = True):
+def place(tree, mesh, rules, batch_axis: bool = True):
     """Host numpy rows -> global arrays: batch-sharded on axis 0 (this process's rows), or replicated."""
 
     def put(x):
@@ -341,134 +274,133 @@ def _place(tree, mesh, rules, batch_axis: bool = True):
 # The loop.
 
 
-def rlhf(config, *, mesh_spec: str | None = None, mesh: jax.sharding.Mesh | None = None, checkpoint_dir: str | None = None, resume: str = "auto",
-         metrics_file: str | None = None, reward: tuple[RewardModel, dict] | None = None,
-         prompts: PromptSet | None = None, log: Callable[[str], None] = print) -> dict:
-    """Run `config.steps` RLHF steps; returns {"state", "history" (logged metrics), "evals" (eval metrics)}.
+class _Evaluation:
+    """Every `rlhf.eval_every` steps: the mean reward of full rollouts on held-out and on training prompts (the same
+    `eval_noise` fixed noises per prompt for the whole run) and the FM loss of a fixed SFT batch."""
+
+    def __init__(self, obj: RLHFObjective, config, train_prompts: PromptSet, heldout: PromptSet, fm_batch, mesh, rules):
+        r, patch = config.rlhf, obj.preset.transformer.patch_size
+        self.mesh, self.rules = mesh, rules
+        n = min(len(heldout.prompts), len(train_prompts.prompts))
+        ids = np.tile(np.arange(n), int(r.eval_noise))
+        held_b, train_b = heldout.batch(ids, obj.reward), train_prompts.batch(ids, obj.reward)
+        noise = np.random.default_rng([config.seed, 5]).standard_normal((len(ids), *obj.latent_shape), np.float32)
+        self.inputs = (place({k: np.concatenate([held_b[k], train_b[k]]) for k in held_b}, mesh, rules, batch_axis=False),
+                       place(np.concatenate([noise, noise]), mesh, rules, batch_axis=False), fm_batch)
+
+        @jax.jit
+        def evaluate(params, frozen, rows, noise, fm_batch):  # rows: held-out then train prompts, one rollout
+            rew = obj.sample_reward(params, frozen, rows, noise)
+            h = rew.shape[0] // 2
+            return {"reward_heldout": jnp.mean(rew[:h]), "reward_train_eval": jnp.mean(rew[h:]),
+                    "fm_loss_eval": flow_matching_loss(obj.apply, params, fm_batch, jax.random.PRNGKey(1), config.flow, patch)[0]}
+
+        self._evaluate = evaluate
+
+    def __call__(self, params, frozen) -> dict[str, float]:
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return {k: float(v) for k, v in jax.device_get(self._evaluate(params, frozen, *self.inputs)).items()}
+
+
+def rlhf(config, *, mesh_spec: str | None = None, mesh: jax.sharding.Mesh | None = None, checkpoint_dir: str | None = None,
+         resume: str = "auto", metrics_file: str | None = None, reward: tuple[RewardModel, dict] | None = None,
+         prompts: PromptSet | None = None, log: Callable[[str], None] = print, compiler_options: dict | None = None) -> dict:
+    """Run `config.steps` RLHF steps; returns {"state", "history" (logged metrics), "evals" (eval metrics), "stopped"}.
 
     `reward` = (reward model, params) overrides rlhf.reward; `prompts` overrides rlhf.prompts / the SFT captions;
-    `mesh` (a ready Mesh, e.g. over a subset of devices) overrides `mesh_spec` / config.mesh.
+    `mesh` (a ready Mesh, e.g. over a subset of devices) overrides `mesh_spec` / config.mesh. The train state,
+    placement, compiled steps, resume, SIGTERM, non-finite guard and checkpoints are the trainer's
+    (`contentv_jax.train`, `contentv_jax.run`).
     """
     r = config.rlhf
     preset = get_preset(config.model)
-    rules = shd.DEFAULT_RULES
-    shd.check_rules(rules)
+    rules = shd.rules_from_config(config)
+    ckpt = Checkpointer(checkpoint_dir, config.keep_checkpoints, config.checkpoint_every) if checkpoint_dir else None
+    start = resume_step(resume, ckpt)  # a bad --resume fails before any work
     mesh = mesh or shd.create_mesh(mesh_spec if mesh_spec is not None else config.mesh)
     pi, pc = jax.process_index(), jax.process_count()
+    if r.batch % shd.batch_divisor(mesh, rules) or r.batch % pc:
+        raise ValueError(f"rlhf.batch {r.batch} does not divide over the {shd.batch_divisor(mesh, rules)} batch shards")
     model = build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
-    state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules)
+    state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules, compiler_options)
     sft_source = make_source(config, preset, pi, pc)
-    fm_eval_batch = place_batch(make_source(config, preset, pi, pc).next(), mesh, rules)
     reward_model, reward_params = reward if reward is not None else load_reward(r)
     if prompts is None:
-        prompts = (PromptSet.from_file(r.prompts, r.text_encoders, preset.text.t5_max_tokens) if r.prompts
-                   else PromptSet.from_source(sft_source, int(r.num_prompts)))
+        prompts = PromptSet.from_file(r.prompts) if r.prompts else PromptSet.from_source(sft_source, int(r.num_prompts))
     train_prompts, heldout = prompts.split(r.num_heldout)
     vae, vae_params = load_vae(r, preset, config.seed)
-    frozen = _place({"vae": vae_params, "reward": reward_params}, mesh, rules, batch_axis=False)
-
-    if r.batch % (shd.batch_divisor(mesh, rules)) or r.batch % pc:
-        raise ValueError(f"rlhf.batch {r.batch} does not divide over the {shd.batch_divisor(mesh, rules)} batch shards")
+    frozen = place({"vae": vae_params, "reward": reward_params}, mesh, rules, batch_axis=False)
     obj = make_objective(config, model, vae, reward_model, prompts)
-    lo, hi, n = *obj.grad_window, len(obj.sigmas) - 1
-    ckpt = Checkpointer(checkpoint_dir, config.keep_checkpoints, config.checkpoint_every) if checkpoint_dir else None
     writer = MetricsWriter(metrics_file, Path(metrics_file).parent / "tb" if metrics_file else None, enabled=pi == 0)
     log(f"rlhf {config.model}: {len(train_prompts.prompts)} train / {len(heldout.prompts)} held-out prompts, "
-        f"batch {r.batch} x {obj.latent_shape}, k in [{lo}, {hi}] of {n}, lam {r.lam}, "
+        f"batch {r.batch} x {obj.latent_shape}, k in {list(obj.grad_window)} of {len(obj.sigmas) - 1}, lam {r.lam}, "
         f"fm every {r.fm_every}, mesh {dict(mesh.shape)}")
-
-    latest = ckpt.latest_step() if ckpt else None
-    resume_step = int(resume) if resume.isdigit() else latest if resume == "auto" else None
-    if resume_step is not None:
-        # 1. train state into its shardings; 2. the SFT data position (prompt draws are a function of the step).
-        state, data_state = ckpt.restore(resume_step, abstract_with_shardings(state, state_shardings))
-        sft_source.restore(data_state["sft"])
-        writer.truncate_after(resume_step)
-        log(f"resumed from {checkpoint_dir} step {resume_step}")
-    elif config.init_from:
-        state = init_params_from(config.init_from, state, state_shardings)
-        log(f"initialised params from {config.init_from}")
-
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    steps = {fm: jax.jit(make_rlhf_step(obj, tx, config, fm), out_shardings=(state_shardings, replicated),
-                         donate_argnums=(0,)) for fm in (False, True)}
-    patch = preset.transformer.patch_size
-
-    @jax.jit
-    def evaluate(params, frozen, rows, noise, fm_batch):  # rows: held-out then train prompts, one rollout
-        rew = obj.sample_reward(params, frozen, rows, noise)
-        h = rew.shape[0] // 2
-        return {"reward_heldout": jnp.mean(rew[:h]), "reward_train_eval": jnp.mean(rew[h:]),
-                "fm_loss_eval": flow_matching_loss(obj.apply, params, fm_batch, jax.random.PRNGKey(1), config.flow, patch)[0]}
-
-    # that many held-out and training prompts, each with `eval_noise` fixed noise draws
-    n_eval = min(len(heldout.prompts), len(train_prompts.prompts))
-    ids = np.tile(np.arange(n_eval), int(r.eval_noise))
-    held_b, train_b = heldout.batch(ids, reward_model), train_prompts.batch(ids, reward_model)
-    eval_noise = np.random.default_rng([config.seed, 5]).standard_normal((len(ids), *obj.latent_shape), np.float32)
-    eval_inputs = (
-        _place({k: np.concatenate([held_b[k], train_b[k]]) for k in held_b}, mesh, rules, batch_axis=False),
-        _place(np.concatenate([eval_noise, eval_noise]), mesh, rules, batch_axis=False),
-        fm_eval_batch,
-    )
-    history, evals = [], []
-    step = int(jax.device_get(state.step))
+    # The SFT data position is the only data state (prompt draws are a function of the step).
+    state = resume_or_init(state, state_shardings, step=start, ckpt=ckpt, init_from=config.init_from,
+                           restore_data=lambda d: sft_source.restore(d["sft"]), writer=writer, log=log)
+    evaluation = _Evaluation(obj, config, train_prompts, heldout,
+                             place_batch(make_source(config, preset, pi, pc).next(), mesh, rules), mesh, rules)
+    steps_cache = StepCache(make_rlhf_step(obj, tx, config), state_shardings, mesh, rules, compiler_options)
+    evals = []
     rows = slice(pi * r.batch // pc, (pi + 1) * r.batch // pc)
 
-    def run_eval(step):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            e = {k: float(v) for k, v in jax.device_get(evaluate(state.params, frozen, *eval_inputs)).items()}
+    def next_args(step):  # (frozen, prompt rows, SFT batch or None): prompt draws are a function of (seed, step)
+        ids = np.random.default_rng([config.seed, 3, step]).integers(0, len(train_prompts.prompts), r.batch)[rows]
+        with_fm = bool(r.fm_every) and step % int(r.fm_every) == 0
+        return (frozen, place(train_prompts.batch(ids, reward_model), mesh, rules),
+                place_batch(sft_source.next(), mesh, rules) if with_fm else None)
+
+    def evaluate(step, state):
+        e = evaluation(state.params, frozen)
         evals.append({"step": step, **e})
         writer.write(step, e)
         log(f"eval step {step:>5} reward held-out {e['reward_heldout']:.4f} train {e['reward_train_eval']:.4f} "
             f"fm_loss {e['fm_loss_eval']:.4f}")
 
+    def log_line(step, m):
+        return (f"step {step:>5} loss {m['loss']:.4f} reward {m['reward']:.4f} k {int(m['grad_step'])}"
+                + (f" fm {m['fm_loss']:.4f}" if "fm_loss" in m else "") + f" grad {m['grad_norm']:.3f}"
+                + ThroughputWindow.describe(m) + (f" | skipped {int(m['nonfinite'])} in a row" if m["nonfinite"] else ""))
+
+    video_tokens = r.batch * preset.transformer.video_tokens(obj.latent_shape)
+    loop = Loop(
+        steps_cache, config.steps, next_args=next_args, data_state=lambda: {"kind": "rlhf", "sft": sft_source.state()},
+        log_line=log_line, writer=writer, log=log, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+        max_nonfinite=config.max_nonfinite, ckpt=ckpt, work=lambda args: (video_tokens, 0.0),
+        evaluate=evaluate if r.eval_every else None,
+        eval_due=lambda step: step % r.eval_every == 0 or step == config.steps,
+        describe_args=lambda args: "the RLHF step" + (" with the FM regulariser" if args[2] is not None else ""))
     try:
-        if r.eval_every and step == 0:
-            run_eval(0)
-        while step < config.steps:
-            ids = np.random.default_rng([config.seed, 3, step]).integers(0, len(train_prompts.prompts), r.batch)[rows]
-            batch = _place(train_prompts.batch(ids, reward_model), mesh, rules)
-            with_fm = bool(r.fm_every) and step % int(r.fm_every) == 0
-            sft = place_batch(sft_source.next(), mesh, rules) if with_fm else None
-            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-                state, metrics = steps[with_fm](state, frozen, batch, sft)
-            step += 1
-            if step % config.log_every == 0 or step == config.steps:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                history.append({"step": step, **m})
-                writer.write(step, m)
-                log(f"step {step:>5} loss {m['loss']:.4f} reward {m['reward']:.4f} k {int(m['grad_step'])}"
-                    + (f" fm {m['fm_loss']:.4f}" if "fm_loss" in m else "") + f" grad {m['grad_norm']:.3f}")
-                if m["nonfinite"] >= config.max_nonfinite:
-                    raise FloatingPointError(f"rlhf step {step}: {int(m['nonfinite'])} consecutive non-finite updates")
-            if r.eval_every and (step % r.eval_every == 0 or step == config.steps):
-                run_eval(step)
-            if ckpt is not None:
-                ckpt.save(step, state, {"kind": "rlhf", "sft": sft_source.state()}, force=step == config.steps)
+        if r.eval_every and int(jax.device_get(state.step)) == 0:
+            evaluate(0, state)
+        state, history, stopped = loop.run(state)
     finally:
         if ckpt is not None:
             ckpt.close()
         writer.close()
-    return {"state": state, "history": history, "evals": evals}
+    return {"state": state, "history": history, "evals": evals, "stopped": stopped}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m contentv_jax.rlhf", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="tiny", help="model: tiny | small | contentv-8b (the rlhf stage of contentv_jax.rlhf.get_config)")
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="tiny", help="<model>[/rlhf]: model in tiny|small|contentv-8b, the rlhf stage of "
+                   "contentv_jax.configs (the same <model>[/<stage>] as python -m contentv_jax.train)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field, e.g. --set rlhf.lam=0.5")
     p.add_argument("--reward", default=None, help="transformers CLIPModel folder of the reward (e.g. PickScore_v1)")
     p.add_argument("--reward-processor", default=None, help="folder with its preprocessor_config.json + CLIPTokenizer (default: --reward)")
     p.add_argument("--vae", default=None, help="Wan VAE folder (diffusers layout); default: random VAE (plumbing only)")
-    p.add_argument("--prompts", default=None, help="prompt file (one per line); default: the SFT source's captions")
-    p.add_argument("--text-encoders", default=None, help="ContentV / SD3.5 folder whose text encoders embed --prompts")
+    p.add_argument("--prompts", default=None, help="prompt-embeddings file written by `python -m "
+                   "contentv_torch.encode_prompts` (on a torch host); default: the SFT source's captions")
     p.add_argument("--init-from", default=None, help="SFT checkpoint dir or converted transformer folder to start from")
     p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--mesh", default=None, help="mesh, e.g. data=2,fsdp=-1")
-    p.add_argument("--checkpoint-dir", type=output_dir, default=None)
-    p.add_argument("--resume", type=resume_flag, default="auto", help="auto | no | a step")
+    p.add_argument("--checkpoint-dir", type=output_dir, default=None,
+                   help="orbax checkpoint directory (async, keep-N, on an interval, on SIGTERM)")
+    p.add_argument("--resume", type=resume_flag, default="auto",
+                   help="auto (default: latest checkpoint in --checkpoint-dir if any), no, or a step")
     p.add_argument("--metrics-file", type=output_file, default=None, help="JSONL metrics (TensorBoard next to it in tb/)")
+    p.add_argument("--fast-compile", action="store_true", help="XLA backend optimisation level 0 (tests, quick CPU checks)")
     add_debug_flag(p)
     return p
 
@@ -476,30 +408,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:  # flag and config errors, all found before anything is built or written (exit 2)
-        config = get_config(args.config)
+        config = configs_lib.get_config(args.config, stages=("rlhf",))
         configs_lib.apply_overrides(config, args.set)
         configs_lib.apply_flags(config, args, (
             ("reward", "rlhf.reward"), ("reward_processor", "rlhf.reward_processor"), ("vae", "rlhf.vae"),
-            ("prompts", "rlhf.prompts"), ("text_encoders", "rlhf.text_encoders"), ("init_from", "init_from"),
-            ("steps", "steps")))
+            ("prompts", "rlhf.prompts"), ("init_from", "init_from"), ("steps", "steps")))
         configs_lib.validate_config(config)
         mesh = shd.create_mesh(args.mesh if args.mesh is not None else config.mesh)
     except ValueError as e:
         raise UsageError(str(e)) from None
     check_resume(args.checkpoint_dir, args.resume)
     out = rlhf(config, mesh=mesh, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-               metrics_file=args.metrics_file)
+               metrics_file=args.metrics_file,
+               compiler_options={"xla_backend_optimization_level": 0} if args.fast_compile else None)
     e = out["evals"]
     if e:
-        print(f"done: held-out reward {e[0]['reward_heldout']:.4f} (step {e[0]['step']}) -> {e[-1]['reward_heldout']:.4f} "
-              f"(step {e[-1]['step']}); fm_loss_eval {e[0]['fm_loss_eval']:.4f} -> {e[-1]['fm_loss_eval']:.4f}")
+        print(f"done ({out['stopped']}): held-out reward {e[0]['reward_heldout']:.4f} (step {e[0]['step']}) -> "
+              f"{e[-1]['reward_heldout']:.4f} (step {e[-1]['step']}); fm_loss_eval {e[0]['fm_loss_eval']:.4f} -> "
+              f"{e[-1]['fm_loss_eval']:.4f}")
     return 0
 
 
 def cli(argv=None) -> int:
     """The command line: `main` behind the shared error boundary (bad reward, VAE, prompt and checkpoint
     folders raise ValueError naming them)."""
-    return run_cli("python -m contentv_jax.rlhf", main, argv, user_errors=(ValueError,))
+    return run_cli(PROG, main, argv, user_errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ class EvalSampler:
         self.noise = jax.random.normal(jax.random.PRNGKey(seed + 7), (n, t, h, w, c), jnp.float32)  # fixed per run
 
     def __call__(self, params, step: int, write: bool = True) -> list[Path]:
-        from contentv_torch.video_io import write_mp4  # numpy + mediapy only, no torch
+        from contentv_common.video_io import write_mp4
 
         p = self.prompts
         z = self.sample(params, self.noise, p["context"], p["pooled"], p["neg_context"], p["neg_pooled"], self.sigmas)

@@ -63,13 +63,35 @@ def check_rules(rules=DEFAULT_RULES) -> None:
             raise ValueError(f"rule {name!r} -> {target!r} names unknown mesh axes {bad}; mesh axes are {MESH_AXES}")
 
 
+def rules_from_config(config) -> tuple[tuple[str, object], ...]:
+    """The validated rules table of `config.sharding_rules` ((logical name, mesh axis | (axes) | None), ...;
+    default DEFAULT_RULES): changing the layout is a config change (`--set sharding_rules=...`), not a code edit.
+    Malformed entries, repeated or unknown logical names, unknown mesh axes and missing rules raise ValueError."""
+    items = config.get("sharding_rules", None) or DEFAULT_RULES
+    rules = []
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ValueError(f"sharding_rules: entry {item!r} is not a (logical name, mesh axes) pair")
+        name, target = item
+        rules.append((name, tuple(target) if isinstance(target, (tuple, list)) else target))
+    names = [n for n, _ in rules]
+    unknown = sorted(set(names) - set(PARAM_AXES + ACTIVATION_AXES))
+    if unknown:
+        raise ValueError(f"sharding_rules: unknown logical names {unknown}; the names are {PARAM_AXES + ACTIVATION_AXES}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"sharding_rules: repeated logical names {repeated}")
+    check_rules(tuple(rules))
+    return tuple(rules)
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Activation sharding constraint by logical names; a no-op outside a mesh / rules context."""
     return nn.with_logical_constraint(x, names)
 
 
 # ---------------------------------------------------------------------------------------------
-# Meshes and placements (trainer side). STYLE #4: a mesh from (axis, size) pairs, -1 = the rest.
+# Meshes and placements (trainer side): a mesh from (axis, size) pairs, -1 = the rest, so one spec fits any device count.
 
 
 def parse_mesh_spec(spec: str | dict | None) -> dict[str, int]:

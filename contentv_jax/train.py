@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,18 +30,26 @@ from contentv_common.config import ModelPreset, get_preset
 from contentv_common.dataset import ON_CORRUPT
 from contentv_jax import configs as configs_lib
 from contentv_jax import sharding as shd
-from contentv_jax.checkpoint import Checkpointer, check_resume, is_checkpoint_dir, resume_flag
+from contentv_jax.checkpoint import Checkpointer, check_resume, resume_flag
 from contentv_jax.data import BATCH_KEYS, BATCH_NDIMS, BatchSource, make_source
 from contentv_jax.flow import drop_captions, flow_matching_loss
 from contentv_jax.metrics import MetricsWriter, peak_flops, train_step_flops
 from contentv_jax.optim import apply_update, lr_schedule, make_optimizer
+from contentv_jax.run import (  # noqa: F401  (abstract_with_shardings, load_init_params, init_params_from: re-exported)
+    Loop,
+    NonFiniteError,
+    StepCache,
+    ThroughputWindow,
+    abstract_with_shardings,
+    init_params_from,
+    load_init_params,
+    resume_or_init,
+    resume_step,
+)
 from contentv_jax.sampler import EvalSampler
 
+PROG = "python -m contentv_jax.train"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite losses / gradients."""
 
 
 @flax.struct.dataclass
@@ -85,6 +91,21 @@ def _dummy_inputs(preset: ModelPreset, batch: int = 1):
             jnp.zeros((batch, t.context_tokens, cfg.joint_attention_dim)), jnp.zeros((batch, cfg.pooled_projection_dim)))
 
 
+def train_state_init(model, tx, preset: ModelPreset) -> Callable:
+    """rng -> a fresh TrainState whose leaves are boxed with their logical axis names (eval_shape it for the
+    abstract state and its shardings; unbox it under jit for the real one)."""
+
+    def init_boxed(rng):
+        params = model.init(jax.random.fold_in(rng, 0), *_dummy_inputs(preset))["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+            ema_params=jax.tree.map(jnp.copy, params), rng=rng,
+            nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
+        )
+
+    return init_boxed
+
+
 def create_train_state(model, tx, preset: ModelPreset, mesh, seed: int, rules=shd.DEFAULT_RULES,
                        compiler_options: dict | None = None):
     """(state, state_shardings): parameters are created already sharded, never whole on one host.
@@ -95,14 +116,7 @@ def create_train_state(model, tx, preset: ModelPreset, mesh, seed: int, rules=sh
     3. jit(init, out_shardings=those) so each device only ever holds its shards.
     """
 
-    def init_boxed(rng):
-        params = model.init(jax.random.fold_in(rng, 0), *_dummy_inputs(preset))["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-            ema_params=jax.tree.map(jnp.copy, params), rng=rng,
-            nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
-        )
-
+    init_boxed = train_state_init(model, tx, preset)
     # Init runs outside the rules context: only its output shardings matter, and flax's boxed-param
     # constraints reject repeated logical names (conv kernels) that logical_shardings handles.
     rng = jax.random.PRNGKey(seed)
@@ -112,11 +126,6 @@ def create_train_state(model, tx, preset: ModelPreset, mesh, seed: int, rules=sh
     init = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings)
     state = init.lower(rng).compile(compiler_options)(rng)
     return state, shardings
-
-
-def abstract_with_shardings(tree, shardings):
-    """ShapeDtypeStructs carrying the target shardings (restore targets)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def make_train_step(model, tx, config, patch_size: int, null_text: tuple | None = None) -> Callable:
@@ -179,40 +188,6 @@ def batch_shardings(mesh, rules=shd.DEFAULT_RULES) -> dict:
     return {n: shd.batch_sharding(mesh, nd, rules) for n, nd in BATCH_NDIMS.items()}
 
 
-class StepCache:
-    """Compiled train steps, one per batch shape (bucket): a second bucket compiles once and never
-    recompiles the first. jit with explicit in/out shardings; the state argument is donated.
-    compiler_options: XLA options for every compile (tests use {"xla_backend_optimization_level": 0})."""
-
-    def __init__(self, step_fn, state_shardings, mesh, rules=shd.DEFAULT_RULES, compiler_options: dict | None = None):
-        self.mesh, self.rules, self.compiler_options = mesh, rules, compiler_options
-        self.state_shardings = state_shardings
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self._jit = jax.jit(
-            step_fn,
-            in_shardings=(state_shardings, batch_shardings(mesh, rules)),
-            out_shardings=(state_shardings, replicated),
-            donate_argnums=(0,),
-        )
-        self.compiled: dict[tuple, Any] = {}
-        self.compiles = 0
-
-    @staticmethod
-    def key(batch) -> tuple:
-        return tuple((n, tuple(batch[n].shape), str(batch[n].dtype)) for n in BATCH_KEYS)
-
-    def __call__(self, state, batch):
-        key = self.key(batch)
-        fn = self.compiled.get(key)
-        if fn is None:
-            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-                fn = self._jit.lower(state, batch).compile(self.compiler_options)
-            self.compiled[key] = fn
-            self.compiles += 1
-        with jax.transfer_guard("disallow"):  # STYLE #6: no hidden host<->device copies inside the step
-            return fn(state, batch)
-
-
 def place_batch(batch: dict, mesh, rules=shd.DEFAULT_RULES) -> dict:
     """Process-local numpy rows -> global jax.Arrays sharded over the batch axes (multi-host safe)."""
     missing = [n for n in BATCH_KEYS if n not in batch]
@@ -231,60 +206,36 @@ def place_batch(batch: dict, mesh, rules=shd.DEFAULT_RULES) -> dict:
     return out
 
 
-def load_init_params(path: str, abstract_params, shardings):
-    """Params [the model's tree, float32, placed by `shardings`] from `--init-from`: an earlier stage's checkpoint
-    dir of this trainer (its raw params, restored shard by shard), or any transformer format `python -m convert`
-    reads (`convert.formats.iter_params`): a diffusers ContentV / SD3.5 folder (model_index.json + transformer/),
-    a `transformer/` folder, our JAX-format folder, an SD3.5 original single file. Leaves stream one at a time
-    onto their devices; every missing, unexpected or mis-shaped key is named before any is read."""
-    if is_checkpoint_dir(path):
-        ckpt = Checkpointer(path, every=1, async_save=False)
-        try:
-            return ckpt.restore_params(None, abstract_with_shardings(abstract_params, shardings))
-        finally:
-            ckpt.close()
-    from tqdm.auto import tqdm
-
-    from convert.formats import FormatError, iter_params
-
-    src = Path(path)
-    if (src / "model_index.json").is_file():  # a whole ContentV / SD3.5 model folder: its transformer
-        src = src / "transformer"
-    flat_want = flax.traverse_util.flatten_dict(abstract_params, sep="/")
-    flat_sh = flax.traverse_util.flatten_dict(shardings, sep="/")
-    placed = {}
-    try:
-        leaves = iter_params(src, dtype="float32", expected={k: tuple(v.shape) for k, v in flat_want.items()})
-        for _, key, leaf in tqdm(leaves, total=len(flat_want), desc="--init-from", unit="tensor",
-                                 disable=jax.process_index() != 0):
-            placed[key] = jax.device_put(np.asarray(leaf, np.float32), flat_sh[key])
-    except (FormatError, FileNotFoundError) as e:  # the messages name the path
-        raise type(e)(f"--init-from: neither a checkpoint dir of this trainer nor a transformer format "
-                      f"`python -m convert` reads: {e}") from None
-    except ValueError as e:  # KeyMismatchError: every missing / unexpected / mis-shaped key by name
-        raise ValueError(f"--init-from: {e}") from None
-    return flax.traverse_util.unflatten_dict(placed, sep="/")
+def _evaluator(config, model, preset, source: BatchSource, out_dir: Path, log) -> EvalSampler | None:
+    """The evaluation sampler of `config.eval` (None when off or the source has no prompts). Every process samples
+    (the params are sharded over all of them); only process 0 writes."""
+    if config.eval.every <= 0:
+        return None
+    prompts = source.eval_prompts(config.eval.num_prompts)
+    if prompts is None:
+        log("eval: the batch source has no evaluation prompts; no evaluation samples")
+        return None
+    return EvalSampler(model, preset, config.eval, prompts, out_dir / "samples", config.seed)
 
 
-def init_params_from(path: str, state: TrainState, state_shardings: TrainState) -> TrainState:
-    """`state` with its params and EMA params both set from `--init-from` `path` (`load_init_params`)."""
-    params = load_init_params(path, state.params, state_shardings.params)
-    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_shardings.params)
-    return state.replace(params=params, ema_params=copy(params))
+def _null_text(config, source: BatchSource, log) -> tuple | None:
+    """The empty prompt's embeddings when `flow.caption_dropout` > 0 (the source must have them)."""
+    p = config.flow.get("caption_dropout", 0.0)
+    if p <= 0:
+        return None
+    null_text = source.null_text()
+    if null_text is None:
+        raise ValueError(f"flow.caption_dropout={p}: the batch source {type(source).__name__} has no empty-prompt "
+                         f"embeddings (null_text)")
+    log(f"caption dropout {p}: those samples train on the empty prompt's embeddings")
+    return null_text
 
 
-class _Sigterm:
-    """Turns SIGTERM into a flag the loop polls (save, then exit)."""
-
-    def __init__(self):
-        self.received = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, *_):
-        self.received = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._old)
+def _log_line(step: int, m: dict) -> str:
+    return (f"step {step:>6} loss {m['loss']:.4f} grad {m['grad_norm']:.3f} lr {m['lr']:.2e}"
+            + ThroughputWindow.describe(m)
+            + (f" | skipped {int(m['nonfinite'])} in a row" if m["nonfinite"] else "")
+            + (f" | {m['data_corrupt_records']} corrupt records replaced" if m.get("data_corrupt_records") else ""))
 
 
 def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = None, resume: str = "auto",
@@ -294,125 +245,53 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
 
     mesh: a ready `Mesh` (else built from mesh_spec or config.mesh over all devices); source: a batch
     source (else `make_source(config)`); compiler_options: XLA options for every compile.
+    The run skeleton (resume, SIGTERM, non-finite guard, checkpoints, throughput) is `contentv_jax.run`'s.
     """
     preset = get_preset(config.model)
-    rules = shd.DEFAULT_RULES
-    shd.check_rules(rules)
+    rules = shd.rules_from_config(config)
+    ckpt = Checkpointer(checkpoint_dir, config.keep_checkpoints, config.checkpoint_every) if checkpoint_dir else None
+    start = resume_step(resume, ckpt)  # a bad --resume fails before any work
     mesh = mesh or shd.create_mesh(mesh_spec if mesh_spec is not None else config.mesh)
     model = build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
     state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules, compiler_options)
     source = source or make_source(config, preset, jax.process_index(), jax.process_count())
-    unreadable = source.corruption_counts()["data_unreadable_records"] if hasattr(source, "corruption_counts") else 0
+    unreadable = source.corruption_counts().get("data_unreadable_records", 0)
     if unreadable:  # data.on_corrupt="skip" (with "error" the source raised, naming the shard)
-        log(f"data: SKIPPING {unreadable} records of unreadable shards {source.ds.bad_shards} (data.on_corrupt=skip)")
-    ckpt = Checkpointer(checkpoint_dir, config.keep_checkpoints, config.checkpoint_every) if checkpoint_dir else None
+        log(f"data: SKIPPING {unreadable} records of unreadable shards {source.unreadable_shards()} (data.on_corrupt=skip)")
     writer = MetricsWriter(metrics_file, tb_dir or (Path(metrics_file).parent / "tb" if metrics_file else None),
                            enabled=jax.process_index() == 0)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     log(f"model {config.model} ({n_params:,} params) stage {config.stage or '-'} mesh {dict(mesh.shape)} "
         f"buckets {list(config.data.buckets)} steps {config.steps}")
-
-    # Resume order (STYLE #7): the restored pieces replace the fresh ones, each result kept (Avoid #3).
-    latest = ckpt.latest_step() if ckpt else None
-    if resume not in ("auto", "no") and not resume.isdigit():
-        raise ValueError(f"--resume {resume!r}: expected auto, no or a step number")
-    if latest is not None and resume == "no":
-        raise ValueError(f"--checkpoint-dir {checkpoint_dir} already holds step {latest}; use --resume auto or an empty dir")
-    if resume.isdigit() and ckpt is None:
-        raise ValueError(f"--resume {resume} needs --checkpoint-dir")
-    resume_step = int(resume) if resume.isdigit() else latest if resume == "auto" else None
-    if resume_step is not None:
-        # 1. train state (params, optimizer, EMA, step, RNG, skip counters) straight into its shardings;
-        state, data_state = ckpt.restore(resume_step, abstract_with_shardings(state, state_shardings))
-        # 2. the data position, so the next batch is the one the killed run would have seen;
-        source.restore(data_state)
-        # 3. the metrics file forgets steps after the checkpoint (they are about to be redone).
-        writer.truncate_after(resume_step)
-        log(f"resumed from {checkpoint_dir} step {resume_step}")
-    elif config.init_from:
-        state = init_params_from(config.init_from, state, state_shardings)
-        log(f"initialised params from {config.init_from}")
-
-    evaluator = None
-    if config.eval.every > 0:
-        out_dir = Path(metrics_file).parent if metrics_file else Path(checkpoint_dir or ".")
-        if not hasattr(source, "eval_prompts"):
-            log("eval: the batch source has no eval_prompts(); no evaluation samples")
-        else:  # every process samples (the params are sharded over all of them); write_mp4 is process 0's
-            evaluator = EvalSampler(model, preset, config.eval, source.eval_prompts(config.eval.num_prompts),
-                                    out_dir / "samples", config.seed)
-
-    null_text = None
-    if config.flow.get("caption_dropout", 0.0) > 0:
-        if not hasattr(source, "null_text"):
-            raise ValueError(f"flow.caption_dropout={config.flow.caption_dropout}: the batch source "
-                             f"{type(source).__name__} has no null_text() (the empty prompt's embeddings)")
-        null_text = source.null_text()
-        log(f"caption dropout {config.flow.caption_dropout}: those samples train on the empty prompt's embeddings")
-    steps_cache = StepCache(make_train_step(model, tx, config, preset.transformer.patch_size, null_text),
+    state = resume_or_init(state, state_shardings, step=start, ckpt=ckpt, init_from=config.init_from,
+                           restore_data=source.restore, writer=writer, log=log)
+    evaluator = _evaluator(config, model, preset, source, Path(metrics_file).parent if metrics_file
+                           else Path(checkpoint_dir or "."), log)
+    steps_cache = StepCache(make_train_step(model, tx, config, preset.transformer.patch_size, _null_text(config, source, log)),
                             state_shardings, mesh, rules, compiler_options)
-    peak = peak_flops(jax.devices()[0].device_kind, config.peak_tflops_per_device) * jax.device_count()
-    text_tokens = preset.text.context_tokens
-    sigterm = _Sigterm()
-    history, stopped = [], "done"
-    step = int(jax.device_get(state.step))
-    window_t, window_flops, window_tokens, window_steps = time.perf_counter(), 0.0, 0, 0
+    transformer, text_tokens = preset.transformer, preset.text.context_tokens
+
+    def work(args):  # (video tokens, model FLOPs) of one step on a batch
+        b, *latent_shape = args[0]["latents"].shape
+        return b * transformer.video_tokens(latent_shape), train_step_flops(transformer, latent_shape, text_tokens, b)
+
+    def evaluate(step, state):
+        paths = evaluator(state.ema_params, step, write=jax.process_index() == 0)
+        if paths:
+            log(f"eval: wrote {len(paths)} samples to {paths[0].parent}")
+
+    loop = Loop(
+        steps_cache, config.steps, next_args=lambda step: (place_batch(source.next(), mesh, rules),),
+        data_state=source.state, log_line=_log_line, writer=writer, log=log, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, max_nonfinite=config.max_nonfinite, ckpt=ckpt, work=work,
+        peak_flops=peak_flops(jax.devices()[0].device_kind, config.peak_tflops_per_device) * jax.device_count(),
+        extra_metrics=source.corruption_counts, evaluate=evaluate if evaluator is not None else None,
+        eval_due=lambda step: step % config.eval.every == 0 or step == config.steps,
+        describe_args=lambda args: f"bucket {tuple(args[0]['latents'].shape)}")
     try:
-        while step < config.steps:
-            batch = place_batch(source.next(), mesh, rules)
-            compiles = steps_cache.compiles
-            state, metrics = steps_cache(state, batch)
-            step += 1
-            if steps_cache.compiles != compiles:  # compile time is not step time
-                jax.block_until_ready(metrics)
-                log(f"compiled the step for bucket {tuple(batch['latents'].shape)} (compile #{steps_cache.compiles})")
-                window_t, window_flops, window_tokens, window_steps = time.perf_counter(), 0.0, 0, 0
-            else:
-                b, t, h, w, _ = batch["latents"].shape
-                p = preset.transformer.patch_size
-                window_tokens += b * t * (h // p) * (w // p)
-                window_flops += train_step_flops(preset.transformer, (t, h, w), text_tokens, b)
-                window_steps += 1
-            if step % config.log_every == 0 or step == config.steps or sigterm.received:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                dt = time.perf_counter() - window_t
-                if window_steps:
-                    m.update(steps_per_s=window_steps / dt, tokens_per_s=window_tokens / dt, mfu=window_flops / dt / peak)
-                if hasattr(source, "corruption_counts"):  # data.on_corrupt="skip": what was skipped so far
-                    m.update(source.corruption_counts())
-                history.append({"step": step, **m})
-                writer.write(step, m)
-                log(f"step {step:>6} loss {m['loss']:.4f} grad {m['grad_norm']:.3f} lr {m['lr']:.2e}"
-                    + (f" | {m['steps_per_s']:.2f} steps/s {m['tokens_per_s']:.0f} tok/s MFU {100 * m['mfu']:.2f}%"
-                       if window_steps else "")
-                    + (f" | skipped {int(m['nonfinite'])} in a row" if m["nonfinite"] else "")
-                    + (f" | {m['data_corrupt_records']} corrupt records replaced" if m.get("data_corrupt_records") else ""))
-                window_t, window_flops, window_tokens, window_steps = time.perf_counter(), 0.0, 0, 0
-                if m["nonfinite"] >= config.max_nonfinite:
-                    stopped = "nonfinite"
-                    if ckpt is not None:
-                        ckpt.wait()
-                    raise NonFiniteError(
-                        f"step {step}: {int(m['nonfinite'])} consecutive non-finite losses/gradients "
-                        f"(max_nonfinite={config.max_nonfinite}); stopping. The last good checkpoint is "
-                        f"{checkpoint_dir} step {ckpt.latest_step() if ckpt else None}."
-                    )
-            if evaluator is not None and (step % config.eval.every == 0 or step == config.steps):
-                paths = evaluator(state.ema_params, step, write=jax.process_index() == 0)
-                if paths:
-                    log(f"eval: wrote {len(paths)} samples to {paths[0].parent}")
-                window_t, window_flops, window_tokens, window_steps = time.perf_counter(), 0.0, 0, 0
-            force = sigterm.received or step == config.steps
-            if ckpt is not None and (force or step % config.checkpoint_every == 0):
-                if not int(jax.device_get(state.nonfinite)):  # never checkpoint inside a run of skipped updates
-                    ckpt.save(step, state, source.state(), force=force)
-            if sigterm.received:
-                stopped = "sigterm"
-                log(f"SIGTERM: saved step {step} to {checkpoint_dir}; exiting")
-                break
+        state, history, stopped = loop.run(state)
     finally:
-        sigterm.restore()
         if ckpt is not None:
             ckpt.close()
         writer.close()
@@ -421,7 +300,7 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m contentv_jax.train",
+        prog=PROG,
         description="Flow-matching training of the ContentV MM-DiT on a device mesh. With no arguments: the tiny "
                     "preset on the built-in synthetic captioned set, on this machine's devices.",
     )
@@ -475,13 +354,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     check_resume(args.checkpoint_dir, args.resume)
-    try:
-        out = train(config, mesh=mesh, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                    metrics_file=args.metrics_file, tb_dir=args.tb_dir,
-                    compiler_options={"xla_backend_optimization_level": 0} if args.fast_compile else None)
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    out = train(config, mesh=mesh, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                metrics_file=args.metrics_file, tb_dir=args.tb_dir,
+                compiler_options={"xla_backend_optimization_level": 0} if args.fast_compile else None)
     h = out["history"]
     if h:
         print(f"done ({out['stopped']}): loss {h[0]['loss']:.4f} at step {h[0]['step']} -> {h[-1]['loss']:.4f} at step "
@@ -492,7 +367,7 @@ def main(argv=None) -> int:
 def cli(argv=None) -> int:
     """The command line: `main` behind the shared error boundary (bad data, checkpoints and --init-from
     folders raise ValueError naming them)."""
-    return run_cli("python -m contentv_jax.train", main, argv, user_errors=(ValueError,))
+    return run_cli(PROG, main, argv, user_errors=(ValueError,))
 
 
 if __name__ == "__main__":

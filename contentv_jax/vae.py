@@ -19,7 +19,8 @@ Chunked causal cache (the reference's streaming scheme, bounded memory in F):
   its children's caches for a block, None for a stateless module. `cache=None` means "first chunk":
   causal convs zero-pad, the temporal Resamples skip their time conv, as the reference does. After the
   first chunk every cache has the fixed shape that the later chunks return, so it can be a scan carry.
-  Nothing is kept on the module (STYLE "Avoid" #2).
+  Nothing is kept on the module (a cache on
+  the module is hidden state that leaks from one call into the next).
 - The upsample3d "Rep" marker of the reference (first chunk seen, time conv not yet run) is a cache of
   2 zero frames: the causal time conv on it is exactly the reference's zero padding.
 

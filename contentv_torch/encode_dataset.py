@@ -100,7 +100,7 @@ def load_media(path: Path) -> tuple[np.ndarray, float | None]:
 
             with Image.open(path) as im:
                 return np.asarray(im.convert("RGB"))[None], None
-        from contentv_torch.video_io import read_mp4
+        from contentv_common.video_io import read_mp4
 
         frames, fps = read_mp4(path)
         return frames, fps

@@ -52,12 +52,8 @@ class ModelInfo:
 
     def latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
         """(B, z, T, h, w) for a video of `frames` x `height` x `width`; bad sizes raise ValueError."""
-        latent_frames = self.vae.latent_frames(frames)  # raises for frames != 4k+1
-        m, s = self.pixel_multiple, self.vae.spatial_factor
-        if height < m or width < m or height % m or width % m:
-            raise ValueError(f"height {height} and width {width} must be positive multiples of {m} "
-                             f"(VAE factor {s} x patch {self.transformer.patch_size}); no rounding is done")
-        return (batch, self.vae.z_dim, latent_frames, height // s, width // s)
+        t, h, w, c = self.vae.latent_shape(frames, height, width, self.transformer.patch_size)
+        return (batch, c, t, h, w)
 
     @property
     def pixel_multiple(self) -> int:

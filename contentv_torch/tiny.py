@@ -90,7 +90,51 @@ def _write_tokenizers(root: Path, clip_max_tokens: int, words: Sequence[str]) ->
     pieces = t5_vocab(words)
     t5 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
     t5.save_pretrained(root / "tokenizer_3")
+    for name in ("tokenizer", "tokenizer_2"):
+        _write_legacy_bpe_files(root / name, vocab, merges)
+    _write_spiece_model(root / "tokenizer_3" / "spiece.model", pieces)
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        _portable_tokenizer_config(root / name / "tokenizer_config.json")
     return len(vocab), clip.bos_token_id, clip.eos_token_id, len(pieces)
+
+
+# transformers 4.x reads a tokenizer folder through the files of its slow classes (CLIPTokenizer: vocab.json +
+# merges.txt; T5Tokenizer: spiece.model) and chokes on 5.x-only tokenizer_config.json fields; 5.x reads
+# tokenizer.json. Writing both makes one folder readable by either, like the released model's folders.
+
+
+def _write_legacy_bpe_files(folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """vocab.json + merges.txt of a byte-level BPE tokenizer (the files 4.x's slow CLIPTokenizer reads)."""
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def _write_spiece_model(path: Path, pieces: list[tuple[str, float]]) -> None:
+    """A SentencePiece unigram model of `pieces` (pad 0, </s> 1, <unk> 2, as T5's) for 4.x's slow T5Tokenizer."""
+    from sentencepiece import sentencepiece_model_pb2 as sp
+
+    m = sp.ModelProto()
+    types = {"<pad>": sp.ModelProto.SentencePiece.CONTROL, "</s>": sp.ModelProto.SentencePiece.CONTROL,
+             "<unk>": sp.ModelProto.SentencePiece.UNKNOWN}
+    for piece, score in pieces:
+        m.pieces.add(piece=piece, score=score, type=types.get(piece, sp.ModelProto.SentencePiece.NORMAL))
+    m.trainer_spec.model_type = sp.TrainerSpec.UNIGRAM
+    m.trainer_spec.vocab_size = len(pieces)
+    m.trainer_spec.pad_id, m.trainer_spec.eos_id, m.trainer_spec.unk_id, m.trainer_spec.bos_id = 0, 1, 2, -1
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = True
+    m.normalizer_spec.remove_extra_whitespaces = True
+    path.write_bytes(m.SerializeToString())
+
+
+def _portable_tokenizer_config(path: Path) -> None:
+    """Drop the tokenizer_config.json fields that only transformers 5.x understands ("backend"; a list
+    "extra_special_tokens", which 4.x expects as a dict)."""
+    cfg = json.loads(path.read_text())
+    cfg.pop("backend", None)
+    if not isinstance(cfg.get("extra_special_tokens", {}), dict):
+        cfg.pop("extra_special_tokens")
+    path.write_text(json.dumps(cfg, indent=2))
 
 
 def _write_text_encoders(root: Path, preset: ModelPreset, seed: int, clip_vocab_size: int, bos: int, eos: int,
@@ -152,7 +196,7 @@ def write_scheduler_and_index(root: Path, preset: ModelPreset) -> None:
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "tokenizer_3": ["transformers", "T5TokenizerFast"],
-        "transformer": ["contentv", "SD3Transformer3DModel"],
+        "transformer": ["diffusers", "SD3Transformer2DModel"],  # as the release: a class diffusers can import
         "vae": ["diffusers", "AutoencoderKLWan"],
     }
     (root / "model_index.json").write_text(json.dumps(index, indent=2))

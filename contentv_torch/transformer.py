@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from contentv_common.config import TransformerConfig
+from contentv_common.config import IGNORED_TRANSFORMER_KEYS, TransformerConfig
 from contentv_common.sincos import sincos_3d
 from contentv_torch.attention import AttentionFn, default_backend_for, get_attention_backend
 from contentv_torch.modeling import PretrainedMixin
@@ -249,7 +249,7 @@ class ContentVTransformer3DModel(nn.Module, PretrainedMixin):
     """
 
     config_class = TransformerConfig
-    ignored_checkpoint_keys = frozenset({"pos_embed.pos_embed"})  # SD3.5's learned 2D table; unused by video
+    ignored_checkpoint_keys = frozenset(IGNORED_TRANSFORMER_KEYS)  # SD3.5's learned 2D table; unused by video
 
     def __init__(self, config: TransformerConfig):
         super().__init__()

@@ -36,8 +36,8 @@ _LAYER = [  # (torch suffix, flax suffix, kind) inside encoder.layers.{i}
 
 
 def clip_rules(config) -> list[Rule]:
-    """Rules for a `CLIPConfig` (contentv_jax.clip) or a transformers config.json dict."""
-    from contentv_jax.clip import CLIPConfig
+    """Rules for a `CLIPConfig` (contentv_common.config) or a transformers config.json dict."""
+    from contentv_common.config import CLIPConfig
 
     if not isinstance(config, CLIPConfig):
         config = CLIPConfig.from_transformers(config)
@@ -109,7 +109,7 @@ def clip_params_from_folder(folder: str | Path) -> tuple[dict[str, Any], dict]:
     Strict: keys and shapes are checked against the config before any tensor is read; a mismatch raises
     `KeyMismatchError` naming every missing / unexpected key and wrong shape.
     """
-    from contentv_jax.clip import CLIPConfig
+    from contentv_common.config import CLIPConfig
 
     folder = Path(folder)
     d = read_json(folder / CONFIG_NAME)

@@ -26,8 +26,15 @@ from typing import Any, Callable, Iterator, Mapping
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors' numpy reader needs it)
 import numpy as np
 
-from contentv_common.config import TransformerConfig, VAEConfig, read_json
-from contentv_common.weights import CONFIG_NAME, KeyMismatchError, check_keys, weight_index
+from contentv_common.config import IGNORED_TRANSFORMER_KEYS, TransformerConfig, VAEConfig, read_json
+from contentv_common.weights import (
+    CONFIG_NAME,
+    SAFETENSORS_DTYPES,
+    KeyMismatchError,
+    check_keys,
+    read_safetensors_header,
+    weight_index,
+)
 from convert.keymap import TO_FLAX, TO_TORCH, Rule, unflatten
 
 log = logging.getLogger("convert")
@@ -52,9 +59,7 @@ FORMATS: dict[str, str] = {
 COMPONENT_FORMATS = ("sd3-original", "diffusers-transformer", "wan-original", "diffusers-vae", "flax", "orbax")
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+_ST_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 class FormatError(ValueError):
@@ -79,7 +84,7 @@ class Component:
 
 COMPONENTS = {
     "transformer": Component("transformer", TransformerConfig, "convert.transformer_keys:transformer_rules",
-                             "contentv_torch.transformer:ContentVTransformer3DModel", ("pos_embed.pos_embed",)),
+                             "contentv_torch.transformer:ContentVTransformer3DModel", IGNORED_TRANSFORMER_KEYS),
     "vae": Component("vae", VAEConfig, "convert.vae_keys:vae_rules", "contentv_torch.vae:WanVAE"),
 }
 _CLASS_NAMES = {"SD3Transformer2DModel": "transformer", "SD3Transformer3DModel": "transformer",
@@ -165,15 +170,12 @@ class _SafetensorsFile:
         self.path = path
         self.raw = open(path, "rb", buffering=0)
         try:
-            (n,) = struct.unpack("<Q", self.raw.read(8))
-            header = json.loads(self.raw.read(n))
-            header.pop("__metadata__", None)
-            self.entries = {k: (np.dtype(_ST_DTYPES[e["dtype"]]), tuple(e["shape"]), tuple(e["data_offsets"]))
+            self.base, header = read_safetensors_header(self.raw)
+            self.entries = {k: (np.dtype(SAFETENSORS_DTYPES[e["dtype"]]), tuple(e["shape"]), tuple(e["data_offsets"]))
                             for k, e in header.items()}
         except Exception as e:  # struct / JSON / unknown dtype
             self.raw.close()
             raise ValueError(f"{path}: not a readable safetensors file ({e!r})") from None
-        self.base = 8 + n
 
     def read(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """The tensor, or rows [a, b) of its leading axis."""
@@ -343,77 +345,19 @@ def open_flax_folder(path: Path) -> Source:
 
 def open_orbax(path: Path, ema: bool = False, step: int | None = None, config: Any = None) -> Source:
     """A contentv_jax training checkpoint (the directory of step dirs, or one step dir) as a Source of its
-    raw or EMA params (`ema`). No optimizer state is read; shapes come from orbax's metadata and each leaf is
-    read row by row (one scanned layer at a time) from the tensorstore array orbax wrote. The transformer config
-    is read off the shapes unless `config` is given."""
-    import orbax.checkpoint as ocp
-
-    from contentv_jax.checkpoint import is_checkpoint_dir
+    raw or EMA params (`ema`), read through `contentv_jax.checkpoint.open_params` (the format's one owner): no
+    optimizer state is read and each leaf row by row. The transformer config is read off the shapes unless
+    `config` is given."""
+    from contentv_jax.checkpoint import NotACheckpointError, open_params
 
     path = Path(path).absolute()
-    if is_checkpoint_dir(path):
-        steps = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and (p / "state").exists())
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise FileNotFoundError(f"{path}: no checkpoint at step {step}; have {steps}")
-        item = path / str(step) / "state"
-    elif (path / "state").is_dir():
-        item = path / "state"
-    else:
-        raise FormatError(f"{path}: not a contentv_jax checkpoint (no numbered step dirs with a 'state' item)")
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(item)
-    tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
-    tree = getattr(tree, "tree", tree)
-    key = "ema_params" if ema else "params"
-    if not isinstance(tree, Mapping) or key not in tree:
-        have = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
-        raise FormatError(f"{item}: training state has no {key!r} (has {have})" + ("" if ema else "; pass --ema for EMA params"))
-    params_meta = tree[key]
-    prefix: tuple[str, ...] = (key,)
-    if isinstance(params_meta, Mapping) and set(params_meta) == {"params"}:  # {"params": {...}} variables dict
-        params_meta, prefix = params_meta["params"], (key, "params")
-    from convert.keymap import flatten
-
-    flat_meta = flatten(params_meta)
-    flax_shapes = {p: tuple(m.shape) for p, m in flat_meta.items()}
-    flax_dtypes = {p: np.dtype(m.dtype) for p, m in flat_meta.items()}
+    try:
+        flax_shapes, flax_dtypes, read_leaf_row = open_params(path, ema=ema, step=step)
+    except NotACheckpointError as e:
+        raise FormatError(str(e)) from None
     if config is None:
         config = infer_transformer_config_from_flax(flax_shapes)
-    # Each leaf is opened as the tensorstore array orbax wrote (zarr, in an OCDBT store or a plain folder, named by
-    # its dot-joined tree path) and read row by row: a stacked fp32 leaf of ContentV-8B (5 GB) is never whole in
-    # memory. Shapes and dtypes above come from orbax's public metadata.
-    open_array = _orbax_array_opener(item)
-    opened: dict[str, Any] = {}
-
-    def read_leaf_row(p, row):
-        if p not in opened:
-            opened.clear()
-            opened[p] = open_array(".".join((*prefix, *p.split("/"))))
-        arr = opened[p]
-        return np.asarray((arr[row] if row is not None else arr).read().result())
-
     return _source_from_flax_leaves("transformer", "orbax", path, config, flax_shapes, flax_dtypes, read_leaf_row)
-
-
-def _orbax_array_opener(item: Path) -> Callable[[str], Any]:
-    """name -> opened tensorstore array of an orbax PyTree item (its `_METADATA` says zarr2/zarr3, OCDBT or not)."""
-    import tensorstore as ts
-
-    meta = read_json(item / "_METADATA")
-    driver = "zarr3" if meta.get("use_zarr3") else "zarr"
-    context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 0}})
-
-    def open_array(name: str):
-        if meta.get("use_ocdbt", True):
-            kv = {"driver": "ocdbt", "base": {"driver": "file", "path": f"{item}/"}, "path": name,
-                  "cache_pool": "cache_pool#ocdbt"}
-        else:
-            kv = {"driver": "file", "path": f"{item}/{name}/"}
-        return ts.open({"driver": driver, "kvstore": kv}, context=context, open=True).result()
-
-    return open_array
 
 
 def infer_transformer_config_from_flax(shapes: Mapping[str, tuple[int, ...]]) -> TransformerConfig:

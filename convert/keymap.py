@@ -163,10 +163,13 @@ def flax_to_torch(params: Mapping, rules: list[Rule]) -> Iterator[tuple[str, np.
                 yield key, np.asarray(TO_TORCH[rule.kind](w[row]), order="C")
 
 
-def read_flax_params(path, rules: list[Rule], what: str | None = None) -> dict:
-    """A diffusers weight folder (or .safetensors file) -> nested Flax params of numpy arrays, streaming.
+def read_flax_params(path, rules: list[Rule], what: str | None = None, ignore: Iterable[str] = ()) -> dict:
+    """A diffusers weight folder (or .safetensors file) -> nested Flax params of numpy arrays, streaming; keys in
+    `ignore` are skipped (never read).
 
     Reads through safetensors' flax backend (no torch needed; bf16 stays bf16 via ml_dtypes)."""
-    from contentv_common.weights import iter_tensors
+    from contentv_common.weights import iter_tensors, weight_index
 
-    return torch_to_flax(((k, np.asarray(t)) for k, t in iter_tensors(path, framework="flax")), rules, what or str(path))
+    keys = [k for k in weight_index(path) if k not in set(ignore)]
+    tensors = ((k, np.asarray(t)) for k, t in iter_tensors(path, framework="flax", keys=keys))
+    return torch_to_flax(tensors, rules, what or str(path))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contentv_common.config import TransformerConfig, read_json
+from contentv_common.config import IGNORED_TRANSFORMER_KEYS, TransformerConfig, read_json
 from contentv_common.weights import CONFIG_NAME
 from convert.keymap import Rule, read_flax_params
 
@@ -62,7 +62,8 @@ def transformer_rules(cfg: TransformerConfig) -> list[Rule]:
 def transformer_params_from_folder(folder: str | Path) -> tuple[TransformerConfig, dict]:
     """A diffusers-layout transformer folder (config.json + safetensors, single or sharded) ->
     (config, nested Flax params of numpy arrays in the checkpoint's dtype). Streams tensor by tensor;
-    unexpected keys and missing layers raise KeyMismatchError naming them."""
+    unexpected keys and missing layers raise KeyMismatchError naming them. An SD3.5 folder
+    (`SD3Transformer2DModel`) reads too: its IGNORED_TRANSFORMER_KEYS are skipped."""
     folder = Path(folder)
     cfg = TransformerConfig.from_diffusers_config(read_json(folder / CONFIG_NAME))
-    return cfg, read_flax_params(folder, transformer_rules(cfg), what=str(folder))
+    return cfg, read_flax_params(folder, transformer_rules(cfg), what=str(folder), ignore=IGNORED_TRANSFORMER_KEYS)

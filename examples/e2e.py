@@ -116,7 +116,7 @@ def _run(cmd: list[str], phase: str, log: Path, quiet: bool = False, threads: in
 # ---- 1. clips ---------------------------------------------------------------------------------------------
 def make_clips(out: Path, s: Settings, seed: int) -> Path:
     """out/clips/: c<i>.mp4 + captions.jsonl ({"file", "caption"} per line), training captions only."""
-    from contentv_torch.video_io import write_mp4
+    from contentv_common.video_io import write_mp4
 
     t0 = time.time()
     rng = np.random.default_rng(seed)
@@ -134,7 +134,7 @@ def make_clips(out: Path, s: Settings, seed: int) -> Path:
 
 def read_clips(clips: Path) -> np.ndarray:
     """The clips of captions.jsonl as video [N, F, H, W, 3] float32 in [-1, 1] (read back from the mp4s)."""
-    from contentv_torch.video_io import read_mp4
+    from contentv_common.video_io import read_mp4
 
     files = [json.loads(line)["file"] for line in (clips / "captions.jsonl").read_text().splitlines() if line]
     videos = np.stack([read_mp4(clips / f)[0] for f in files])
@@ -227,7 +227,7 @@ def generate(out: Path, models: dict[str, Path], prompts: list[shapes.Caption], 
     from concurrent.futures import ThreadPoolExecutor
 
     from contentv_torch.generate import video_paths
-    from contentv_torch.video_io import read_mp4
+    from contentv_common.video_io import read_mp4
 
     t0 = time.time()
     (out / "logs").mkdir(exist_ok=True)
@@ -278,7 +278,7 @@ def write_contact_sheet(path: Path, videos: list[np.ndarray], gap: int = 2) -> P
 
 # ---- 7. check --------------------------------------------------------------------------------------------------
 def check(out: Path, done: dict, clips: Path, settings: Settings, timings: dict) -> dict:
-    from contentv_torch.video_io import read_mp4
+    from contentv_common.video_io import read_mp4
 
     t0 = time.time()
     # The analyser on real training clips first: it must read the ground truth right, or its numbers mean nothing.
@@ -336,7 +336,7 @@ def vae_roundtrip_accuracy(vae_flax: Path, clips: Path, lines: list[dict]) -> fl
     import jax.numpy as jnp
     from contentv_jax.sampler import to_uint8
     from contentv_jax.vae import WanVAE
-    from contentv_torch.video_io import read_mp4
+    from contentv_common.video_io import read_mp4
     from convert.formats import load_params
 
     cfg, params = load_params(vae_flax)

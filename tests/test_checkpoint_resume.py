@@ -16,7 +16,7 @@ from contentv_common.config import get_preset
 from contentv_jax import configs, sharding as shd
 from contentv_jax import train as T
 from contentv_jax.checkpoint import Checkpointer
-from contentv_jax.data import SyntheticCaptionedSource, buckets_from_config
+from contentv_jax.data import BatchSource, SyntheticCaptionedSource, buckets_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -94,7 +94,7 @@ def test_sigkill_then_same_command_resumes_and_reproduces(tmp_path):
     assert f"SIGTERM: saved step {last}" in out and _finished_steps(term)[-1] == last
 
 
-class _NaNAfter:
+class _NaNAfter(BatchSource):
     """The synthetic source, with NaN latents from batch `start` on."""
 
     def __init__(self, inner, start):

@@ -43,7 +43,7 @@ def test_e2e_quick(tmp_path):
     from contentv_torch.pipeline import read_model_info
     from contentv_torch.transformer import ContentVTransformer3DModel
     from contentv_torch.vae import WanVAE
-    from contentv_torch.video_io import read_mp4
+    from contentv_common.video_io import read_mp4
 
     out = tmp_path / "e2e"
     proc = subprocess.run([sys.executable, "-m", "examples.e2e", "--quick", "--out", str(out)], cwd=ROOT,

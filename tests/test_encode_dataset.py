@@ -10,7 +10,7 @@ from contentv_common.config import get_preset
 from contentv_common.dataset import MANIFEST_NAME, LatentDataset, ShardedLatentSource
 from contentv_jax.data import Bucket
 from contentv_torch import encode_dataset as ed
-from contentv_torch.video_io import write_mp4
+from contentv_common.video_io import write_mp4
 
 BUCKETS = "9x32x48,5x32x32,1x32x48"
 # file, frames, height, width, fps -> expected bucket (None: skipped)

@@ -123,7 +123,7 @@ def test_two_process_gloo_matches_single_process(tiny_folder, tmp_path):
     from safetensors.torch import load_file
 
     from contentv_torch.pipeline import ContentVPipeline
-    from contentv_torch.video_io import read_mp4
+    from contentv_common.video_io import read_mp4
 
     single = ContentVPipeline.from_pretrained(tiny_folder, device="cpu")(
         CLI_PROMPT, frames=5, height=48, width=80, steps=2, seed=0, output_type="latent", progress=False)

@@ -171,7 +171,7 @@ def _cli(folder, tmp_path, *extra):
 
 
 def test_cli_writes_mp4_and_latents_round_trip(tiny_folder, tmp_path, pipe):
-    from contentv_torch.video_io import read_mp4
+    from contentv_common.video_io import read_mp4
 
     noise = torch.randn(1, 16, 3, 4, 8, generator=torch.Generator().manual_seed(5))
     save_file({"latents": noise}, str(tmp_path / "noise.safetensors"))

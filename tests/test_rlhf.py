@@ -116,22 +116,29 @@ def test_rlhf_raises_heldout_reward(parts, tmp_path):
 
 
 def test_prompt_file(tmp_path):
-    """--prompts FILE: each line encoded once by the folder's CLIP-L / bigG / T5 (the DiT's conditioning), the
-    empty prompt as the CFG negative; the held-out split takes the last lines."""
+    """--prompts: `contentv_torch.encode_prompts` encodes each line once with the folder's CLIP-L / bigG / T5 (the
+    DiT's conditioning) and the empty prompt as the CFG negative into a safetensors file that RLHF reads without
+    torch; the held-out split takes the last lines."""
     from contentv_common.config import get_preset
     from contentv_jax.rlhf import PromptSet
+    from contentv_torch.encode_prompts import main as encode_prompts_main
     from tests.tiny_models import make_tiny_contentv_folder
 
     t = get_preset("tiny").text
     folder = make_tiny_contentv_folder(tmp_path / "model")
     lines = ["a red car on the street", "", "a bird flying over the sea", "the city at night", "a big dog"]
     (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
-    ps = PromptSet.from_file(tmp_path / "prompts.txt", folder, t.t5_max_tokens, chunk=3)
+    out = tmp_path / "prompts.safetensors"
+    assert encode_prompts_main(["--model", str(folder), "--prompts", str(tmp_path / "prompts.txt"),
+                                "--output", str(out)]) == 0
+    ps = PromptSet.from_file(out)
     assert ps.prompts == [p for p in lines if p]
     assert ps.context.shape == (4, t.context_tokens, t.t5_hidden) and ps.pooled.shape == (4, t.pooled_dim)
     assert ps.negative_context.shape == (t.context_tokens, t.t5_hidden) and ps.negative_pooled.shape == (t.pooled_dim,)
     assert np.isfinite(ps.context).all() and not np.allclose(ps.context[0], ps.context[1])
     assert not np.allclose(ps.negative_pooled, ps.pooled[0])
+    with pytest.raises(ValueError, match="encode_prompts"):  # the old text file is refused, naming the tool
+        PromptSet.from_file(tmp_path / "prompts.txt")
     train, held = ps.split(1)
     assert held.prompts == ["a big dog"] and len(train.prompts) == 3
     with pytest.raises(ValueError, match="num_heldout"):

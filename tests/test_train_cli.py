@@ -46,7 +46,7 @@ def test_joint_buckets_metrics_tensorboard_and_eval_samples(tmp_path, capsys):
     assert list((metrics.parent / "tb").glob("events.out.tfevents.*"))
     mp4s = sorted((metrics.parent / "samples" / "step_0000006").glob("*.mp4"))
     assert len(mp4s) == 2
-    from contentv_torch.video_io import read_mp4
+    from contentv_common.video_io import read_mp4
 
     frames, fps = read_mp4(mp4s[0])
     assert frames.shape == (1, 32, 48, 3) and fps == pytest.approx(24)
