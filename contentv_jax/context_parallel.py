@@ -31,6 +31,8 @@ from jax.sharding import PartitionSpec as P
 from contentv_jax import sharding as shd
 from contentv_jax.attention import flash_attention, flash_backward, flash_forward
 
+CONTEXT_PARALLEL_IMPLS = ("ring", "ulysses")  # the attention backends (attention.ATTENTION_IMPLS) defined here
+
 # Logical names of a [B, S, heads, head_dim] attention operand (the names JointAttention constrains q with).
 QKV_NAMES = ("batch", "length", "act_heads", None)
 
@@ -86,6 +88,8 @@ def _context_parallel(shard_fn, q: jax.Array, k: jax.Array, v: jax.Array, name: 
     if pad:
         q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
     local = functools.partial(shard_fn, seq_len=s, axes=axes, size=size)
+    # check_vma off: the flash block math builds its scan carries from constants, which the varying-manual-axes
+    # type check rejects inside a shard_map; the specs above are exact, so nothing is lost but the check.
     o = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
     return o[:, :s] if pad else o
 
