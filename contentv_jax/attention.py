@@ -76,6 +76,7 @@ def _fwd(q, k, v, kv_len, block_q: int, block_kv: int):
     nk, bk = _split(skv, block_kv)
     if kv_len is None and nk * bk != skv:
         kv_len = skv  # padded keys must be masked
+    q = q * jnp.asarray(scale, q.dtype)  # scale the [S, D] queries once, not every [S, S] block of logits
     qs = _pad_seq(q, nq * bq).reshape(b, n, nq, bq, d).transpose(2, 0, 1, 3, 4)  # [nq, B, N, bq, D]
     ks = _pad_seq(k, nk * bk).reshape(b, n, nk, bk, d).transpose(2, 0, 1, 3, 4)  # [nk, B, N, bk, D]
     vs = _pad_seq(v, nk * bk).reshape(b, n, nk, bk, d).transpose(2, 0, 1, 3, 4)
@@ -84,7 +85,7 @@ def _fwd(q, k, v, kv_len, block_q: int, block_kv: int):
         def step(carry, x):
             m, l, acc = carry
             kj, vj, j = x
-            s = jnp.einsum("bnqd,bnkd->bnqk", qi, kj, preferred_element_type=jnp.float32) * scale
+            s = jnp.einsum("bnqd,bnkd->bnqk", qi, kj, preferred_element_type=jnp.float32)
             mask = _key_mask(j, bk, kv_len)
             if mask is not None:
                 s = jnp.where(mask, s, -jnp.inf)
@@ -133,7 +134,7 @@ def _bwd(q, k, v, o, lse, do, kv_len, block_q: int, block_kv: int):
         x = x.reshape(b, n, count, size, *x.shape[3:])
         return jnp.moveaxis(x, 2, 0)
 
-    qs, dos = blocks(q, nq, bq), blocks(do, nq, bq)
+    qs, dos = blocks(q * jnp.asarray(scale, q.dtype), nq, bq), blocks(do, nq, bq)  # scaled q: s and dK = dS^T Q scale
     lses, deltas = blocks(lse, nq, bq, jnp.inf), blocks(delta, nq, bq)  # padded rows: P = 0
     ks, vs = blocks(k, nk, bk), blocks(v, nk, bk)
 
@@ -144,15 +145,15 @@ def _bwd(q, k, v, o, lse, do, kv_len, block_q: int, block_kv: int):
         def step(carry, y):
             dk, dv = carry
             qi, doi, lsei, deltai = y
-            s = jnp.einsum("bnqd,bnkd->bnqk", qi, kj, preferred_element_type=jnp.float32) * scale
+            s = jnp.einsum("bnqd,bnkd->bnqk", qi, kj, preferred_element_type=jnp.float32)
             p = jnp.exp(s - lsei[..., None])
             if mask is not None:
                 p = jnp.where(mask, p, 0.0)
             dv = dv + jnp.einsum("bnqk,bnqd->bnkd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
             dp = jnp.einsum("bnqd,bnkd->bnqk", doi, vj, preferred_element_type=jnp.float32)
-            ds = (p * (dp - deltai[..., None]) * scale).astype(qi.dtype)
+            ds = (p * (dp - deltai[..., None])).astype(qi.dtype)
             dk = dk + jnp.einsum("bnqk,bnqd->bnkd", ds, qi, preferred_element_type=jnp.float32)
-            dqi = jnp.einsum("bnqk,bnkd->bnqd", ds, kj, preferred_element_type=jnp.float32)
+            dqi = jnp.einsum("bnqk,bnkd->bnqd", ds, kj, preferred_element_type=jnp.float32) * scale
             return (dk, dv), dqi
 
         zeros = jnp.zeros((b, n, bk, d), jnp.float32)
@@ -225,6 +226,53 @@ def flash_attention(q, k, v, *, block_q: int | None = None, block_kv: int | None
     return _bnsd(_flash(_bnsd(q), _bnsd(k), _bnsd(v), bq, bkv))
 
 
+# ------------------------------------------------------------------------------------------------ splash
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(heads: int, sq: int, skv: int, block_q: int, block_kv: int, interpret: bool):
+    """The Pallas splash-attention kernel for [heads, sq, D] x [heads, skv, D] (padded lengths, block multiples),
+    full mask; padding is masked by segment ids at call time."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    blocks = sk.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
+                           block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q,
+                           block_kv_dq=block_kv)
+    mask = sm.MultiHeadMask([sm.FullMask((sq, skv)) for _ in range(heads)])
+    return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks, interpret=interpret)
+
+
+SPLASH_LANES = 128  # the TPU kernel's blocks are multiples of the 128-wide vector lanes
+
+
+def splash_attention(q, k, v, *, block_q: int | None = None, block_kv: int | None = None,
+                     interpret: bool | None = None) -> jax.Array:
+    """q [B, Sq, N, D], k, v [B, Skv, N, D] -> [B, Sq, N, D] in q's dtype, by the TPU Pallas splash-attention
+    kernel (its own flash backward). Lengths are padded to block multiples; padded keys get another segment id than
+    every query, so the kernel masks them. interpret (default: off TPU) runs the kernel in Pallas interpret mode."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    b, sq, n, d = q.shape
+    skv = k.shape[1]
+    default_q, default_kv = DEFAULT_BLOCKS["tpu"]
+
+    def fit(length: int, block: int) -> tuple[int, int]:  # (block, padded length): lane multiples, block <= length
+        up = lambda x, m: -(-x // m) * m
+        block = min(up(block, SPLASH_LANES), up(length, SPLASH_LANES))
+        return block, up(length, block)
+
+    bq, pq = fit(sq, block_q or default_q)
+    bkv, pkv = fit(skv, block_kv or default_kv)
+    kernel = _splash_kernel(n, pq, pkv, bq, bkv, interpret)
+    seg = sk.SegmentIds(q=jnp.zeros((pq,), jnp.int32), kv=(jnp.arange(pkv) >= skv).astype(jnp.int32))
+    # The kernel does not scale the logits: scale q (in bf16 exact only for head dims 4^k, e.g. 64).
+    qh = _pad_seq(_bnsd(q) * jnp.asarray(1.0 / math.sqrt(d), q.dtype), pq)
+    kh, vh = _pad_seq(_bnsd(k), pkv), _pad_seq(_bnsd(v), pkv)
+    o = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=seg))(qh, kh, vh)  # [B, N, pq, D]
+    return _bnsd(o[:, :, :sq]).astype(q.dtype)
+
+
 # --------------------------------------------------------------------------------------------- backends
 def _xla(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), implementation="xla")
@@ -232,6 +280,43 @@ def _xla(q, k, v):
 
 def _cudnn(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), implementation="cudnn")
+
+
+SPLASH_BLOCK = 512  # TPU tile (queries and keys) of the splash kernel; capped by the padded lengths
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(heads: int, sq: int, skv: int, block_q: int, block_kv: int, interpret: bool):
+    """The Pallas splash kernel for padded lengths sq, skv (block multiples), full mask, per example."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    mask = sa.MultiHeadMask([sa.FullMask((sq, skv)) for _ in range(heads)])
+    blocks = sa.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
+                           block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q,
+                           block_kv_dq=block_kv)
+    return sa.make_splash_mha_single_device(mask, block_sizes=blocks, interpret=interpret)
+
+
+def splash_attention(q, k, v, *, block: int | None = None, interpret: bool | None = None) -> jax.Array:
+    """q [B, Sq, N, D], k, v [B, Skv, N, D] -> [B, Sq, N, D]: the TPU Pallas splash-attention kernel (its own
+    flash backward). Lengths are padded to block multiples; padded keys get segment id 1 and the queries 0, so
+    they are masked inside the kernel (padded queries see the real keys; their rows are dropped).
+    interpret: Pallas interpret mode (default: off TPU), how the tests run it on CPU."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    b, sq, n, d = q.shape
+    skv = k.shape[1]
+    block = block or SPLASH_BLOCK
+    bq, bkv = (min(block, -(-s // 128) * 128) for s in (sq, skv))  # TPU tiles: multiples of 128
+    sq_p, skv_p = -(-sq // bq) * bq, -(-skv // bkv) * bkv
+    kernel = _splash_kernel(n, sq_p, skv_p, bq, bkv, interpret)
+    qt = _pad_seq(_bnsd(q) * jnp.asarray(1.0 / math.sqrt(d), q.dtype), sq_p)  # the kernel does not scale
+    kt, vt = _pad_seq(_bnsd(k), skv_p), _pad_seq(_bnsd(v), skv_p)
+    seg = SegmentIds(q=jnp.zeros((sq_p,), jnp.int32), kv=(jnp.arange(skv_p) >= skv).astype(jnp.int32))
+    o = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=seg))(qt, kt, vt)  # [B, N, Sq_p, D]
+    return _bnsd(o[:, :, :sq]).astype(q.dtype)
 
 
 def _ring(q, k, v):
@@ -254,6 +339,8 @@ def _auto(q, k, v):
 ATTENTION_IMPLS: dict[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] = {
     "xla": _xla,
     "flash": lambda q, k, v: flash_attention(q, k, v),
+    "splash": lambda q, k, v: splash_attention(q, k, v),
+    "splash": lambda q, k, v: splash_attention(q, k, v),
     "cudnn": _cudnn,
     "ring": _ring,
     "ulysses": _ulysses,
