@@ -282,43 +282,6 @@ def _cudnn(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), implementation="cudnn")
 
 
-SPLASH_BLOCK = 512  # TPU tile (queries and keys) of the splash kernel; capped by the padded lengths
-
-
-@functools.lru_cache(maxsize=32)
-def _splash_kernel(heads: int, sq: int, skv: int, block_q: int, block_kv: int, interpret: bool):
-    """The Pallas splash kernel for padded lengths sq, skv (block multiples), full mask, per example."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as sa
-
-    mask = sa.MultiHeadMask([sa.FullMask((sq, skv)) for _ in range(heads)])
-    blocks = sa.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
-                           block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q,
-                           block_kv_dq=block_kv)
-    return sa.make_splash_mha_single_device(mask, block_sizes=blocks, interpret=interpret)
-
-
-def splash_attention(q, k, v, *, block: int | None = None, interpret: bool | None = None) -> jax.Array:
-    """q [B, Sq, N, D], k, v [B, Skv, N, D] -> [B, Sq, N, D]: the TPU Pallas splash-attention kernel (its own
-    flash backward). Lengths are padded to block multiples; padded keys get segment id 1 and the queries 0, so
-    they are masked inside the kernel (padded queries see the real keys; their rows are dropped).
-    interpret: Pallas interpret mode (default: off TPU), how the tests run it on CPU."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
-
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
-    b, sq, n, d = q.shape
-    skv = k.shape[1]
-    block = block or SPLASH_BLOCK
-    bq, bkv = (min(block, -(-s // 128) * 128) for s in (sq, skv))  # TPU tiles: multiples of 128
-    sq_p, skv_p = -(-sq // bq) * bq, -(-skv // bkv) * bkv
-    kernel = _splash_kernel(n, sq_p, skv_p, bq, bkv, interpret)
-    qt = _pad_seq(_bnsd(q) * jnp.asarray(1.0 / math.sqrt(d), q.dtype), sq_p)  # the kernel does not scale
-    kt, vt = _pad_seq(_bnsd(k), skv_p), _pad_seq(_bnsd(v), skv_p)
-    seg = SegmentIds(q=jnp.zeros((sq_p,), jnp.int32), kv=(jnp.arange(skv_p) >= skv).astype(jnp.int32))
-    o = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=seg))(qt, kt, vt)  # [B, N, Sq_p, D]
-    return _bnsd(o[:, :, :sq]).astype(q.dtype)
-
-
 def _ring(q, k, v):
     from contentv_jax.context_parallel import ring_attention  # lazy: context_parallel imports this module
 
@@ -339,7 +302,6 @@ def _auto(q, k, v):
 ATTENTION_IMPLS: dict[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] = {
     "xla": _xla,
     "flash": lambda q, k, v: flash_attention(q, k, v),
-    "splash": lambda q, k, v: splash_attention(q, k, v),
     "splash": lambda q, k, v: splash_attention(q, k, v),
     "cudnn": _cudnn,
     "ring": _ring,
