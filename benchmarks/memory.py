@@ -92,6 +92,7 @@ def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from contentv_common.config import get_preset
     from contentv_jax import configs as configs_lib
@@ -126,7 +127,9 @@ def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat:
     cfg = preset.transformer
     shapes = {"latents": (batch, t, h, w, c), "context": (batch, L, cfg.joint_attention_dim),
               "pooled": (batch, cfg.pooled_projection_dim)}
-    cache = tr.StepCache(tr.make_train_step(model, tx, config, cfg.patch_size), shardings, mesh)
+    null_text = (np.zeros((L, cfg.joint_attention_dim), np.float32), np.zeros((cfg.pooled_projection_dim,), np.float32))
+    # The trainer's step, caption dropout included (only the empty prompt's shapes matter here).
+    cache = tr.StepCache(tr.make_train_step(model, tx, config, cfg.patch_size, null_text), shardings, mesh)
     abstract_batch = {n: jax.ShapeDtypeStruct(shapes[n], jnp.float32, sharding=shd.batch_sharding(mesh, len(shapes[n])))
                       for n in BATCH_KEYS}
 
