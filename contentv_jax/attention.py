@@ -10,7 +10,7 @@ input dtype, the output is in q's dtype. Backends (the `impl` name, `ATTENTION_I
   "cudnn"   - cuDNN flash attention (NVIDIA GPU, bf16/fp16 inputs, head_dim <= 128 and a multiple of 8).
   "xla"     - the einsum + softmax path of `jax.nn.dot_product_attention` ([S, S] scores); the test reference.
   "ring", "ulysses" - context-parallel attention over the mesh's context axis (`contentv_jax.context_parallel`).
-  "auto"    - cudnn on GPU, splash on TPU, flash elsewhere (by `jax.default_backend()`).
+  "auto"    - cudnn on GPU (bf16 / fp16), splash on TPU, flash elsewhere (`auto_impl`); the configs' default.
 
 The block math (`flash_forward` / `flash_backward`) is public: ring attention runs it on one K/V chunk at a time
 and combines the chunks by their logsumexp.
@@ -294,9 +294,17 @@ def _ulysses(q, k, v):
     return ulysses_attention(q, k, v)
 
 
-def _auto(q, k, v):
+def auto_impl(dtype, head_dim: int) -> str:
+    """The backend "auto" picks: cudnn on GPU for the inputs it takes (bf16 / fp16, head_dim <= 128 and a
+    multiple of 8), splash on TPU, flash elsewhere (CPU, fp32 on GPU)."""
     backend = jax.default_backend()
-    return ATTENTION_IMPLS[{"gpu": "cudnn", "tpu": "splash"}.get(backend, "flash")](q, k, v)
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0:
+        return "cudnn"
+    return "splash" if backend == "tpu" else "flash"
+
+
+def _auto(q, k, v):
+    return ATTENTION_IMPLS[auto_impl(q.dtype, q.shape[-1])](q, k, v)
 
 
 ATTENTION_IMPLS: dict[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] = {
