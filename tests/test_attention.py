@@ -195,3 +195,29 @@ def test_flash_temp_memory_is_linear():
 def test_splash_interpret_matches_xla(sq, skv, block_q, block_kv):
     assert_matches_xla(lambda q, k, v: A.splash_attention(q, k, v, block_q=block_q, block_kv=block_kv,
                                                           interpret=True), sq, skv, b=1)
+
+
+def test_splash_interpret_bf16():
+    fn = lambda q, k, v: A.splash_attention(q, k, v, interpret=True)
+    assert_matches_xla(fn, 77, 200, tol=BF16_TOL, dtype=jnp.bfloat16, b=1)
+    q, k, v, _ = qkv(77, 77, b=1, dtype=jnp.bfloat16)
+    assert fn(q, k, v).dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+def test_speed_attention_section_smoke(tmp_path):
+    from benchmarks import speed
+
+    out = tmp_path / "speed.json"
+    assert speed.main(["--sizes", "smoke", "--only", "attention", "--attention", "xla,flash:32:32",
+                       "--attention-seq", "50", "--json", str(out)]) == 0
+    import json
+
+    rows = json.loads(out.read_text())["attention"]
+    assert [r["impl"] for r in rows] == ["xla", "flash:32:32"]
+    for r in rows:  # each JAX backend against torch SDPA on the same inputs
+        assert r["seq"] == 50 and r["s"] > 0 and r["torch_s"] > 0
+        assert r["over_torch"] == pytest.approx(r["s"] / r["torch_s"])
+        assert r["rel_err_out"] < 1e-5 and r["rel_err_dq"] < 1e-5
+    with pytest.raises(SystemExit):
+        speed.main(["--sizes", "smoke", "--only", "attention", "--attention", "flash:32"])
