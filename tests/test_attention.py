@@ -1,5 +1,7 @@
 """contentv_jax.attention: the flash (pure JAX) and splash (Pallas, interpret mode on CPU) backends against the
 XLA reference, the public block math ring attention builds on, and the O(S) memory of the flash backward."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,8 +213,6 @@ def test_speed_attention_section_smoke(tmp_path):
     out = tmp_path / "speed.json"
     assert speed.main(["--sizes", "smoke", "--only", "attention", "--attention", "xla,flash:32:32",
                        "--attention-seq", "50", "--json", str(out)]) == 0
-    import json
-
     rows = json.loads(out.read_text())["attention"]
     assert [r["impl"] for r in rows] == ["xla", "flash:32:32"]
     for r in rows:  # each JAX backend against torch SDPA on the same inputs
