@@ -10,10 +10,12 @@ frameworks' GPU memory apart (torch parts free their cache before the JAX parts;
   2. parity   - the `small` preset, inputs [2, 16, 3, 16, 24] with distinct timesteps: the diffusers reference in
                 fp32 (TF32 off) vs our torch model in bf16 and fp32 and our JAX model in bf16 (rel_err; bf16 <= 2e-2,
                 fp32 <= 1e-5 by DESIGN.md);
-  3. train    - 8B width (38 x 64 heads), 6 layers, 29 frames at 256x448 (latent 8x32x56), batch 1: the reference
+  3. attention - fwd + bwd of one attention at the 8B heads (38 x 64), bf16, 8,192 and 50,253 tokens (480p x 125):
+                JAX cudnn vs our pure-JAX flash (vs XLA's [S, S] path at 8,192) vs torch SDPA: ms, TFLOP/s, rel_err;
+  4. train    - 8B width (38 x 64 heads), 6 layers, 29 frames at 256x448 (latent 8x32x56), batch 1: the reference
                 torch step (fp32 AdamW, bf16 autocast, SDPA) and our JAX trainer step (bf16 compute, cuDNN flash attention):
                 s/step, tokens/s, MFU against the measured and the nominal bf16 peak;
-  4. denoise  - one CFG denoising step (DiT batch 2) at 432x768, 125 frames (latent 32x54x96, 41,472 video tokens)
+  5. denoise  - one CFG denoising step (DiT batch 2) at 432x768, 125 frames (latent 32x54x96, 41,472 video tokens)
                 with contentv-8b-shaped random bf16 weights: our torch DiT + Euler step, our JAX DiT + Euler step; and
                 at the same tokens with 6 layers, our torch vs the diffusers reference (time ratio).
 --smoke replaces every size by the tiny preset at a few tokens and runs on whatever device there is.
@@ -174,6 +176,54 @@ def part_parity(b: Bench) -> None:
     err = rel_err(np.asarray(out.astype(jnp.float32)).transpose(0, 4, 1, 2, 3), want)
     b.add("parity", "jax bf16 vs reference fp32", f"{err:.2e}", "rel_err",
           "PASS" if err <= TOL["bfloat16"] else f"FAIL (tol {TOL['bfloat16']:.0e})")
+
+
+def part_attention(b: Bench) -> None:
+    """Attention forward + backward (dq, dk, dv) at the 8B heads (38 x 64), bf16, B=1: JAX cuDNN flash vs our
+    pure-JAX flash (and XLA's [S, S] path where it fits) vs torch SDPA, at 8,192 tokens and at the 480p x 125-frame
+    joint sequence (50,253). rel_err of each JAX output against the first JAX backend at the same size."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from contentv_jax.attention import attention
+
+    heads, head_dim = (2, 16) if b.smoke else (38, 64)
+    seqs = (77, 333) if b.smoke else (8192, 50253)
+    on_gpu = jax_on_gpu()
+    for seq in seqs:
+        rng = np.random.default_rng(0)
+        q, k, v, do = (rng.standard_normal((1, seq, heads, head_dim)).astype(np.float32) for _ in range(4))
+        flops = 3.5 * 4 * seq * seq * heads * head_dim  # fwd 4 S^2 N D; backward with the recompute 2.5x that
+        impls = (["cudnn"] if on_gpu else []) + ["flash"] + (["xla"] if seq <= 8192 else [])
+        first = None
+        for impl in impls:
+            args = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, do)]
+
+            @jax.jit
+            def step(q, k, v, do, impl=impl):
+                o, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, impl), q, k, v)
+                return (o, *vjp(do))
+
+            out = jax.block_until_ready(step(*args))
+            s = b.timed(lambda: jax.block_until_ready(step(*args)))
+            first = out[0] if first is None else first
+            b.add("attention", f"jax {impl} fwd+bwd, S={seq}, {heads}x{head_dim} bf16", round(s * 1e3, 2), "ms",
+                  f"{flops / s / 1e12:.3g} TFLOP/s, rel_err vs {impls[0]} {rel_err(np.asarray(out[0], np.float32), np.asarray(first, np.float32)):.1e}")
+            del out, args
+        tq, tk, tv = (torch.from_numpy(x.transpose(0, 2, 1, 3).copy()).to(b.device, torch.bfloat16).requires_grad_()
+                      for x in (q, k, v))
+        tdo = torch.from_numpy(do.transpose(0, 2, 1, 3).copy()).to(b.device, torch.bfloat16)
+
+        def torch_step():
+            o = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+            return torch.autograd.grad(o, (tq, tk, tv), tdo)
+
+        s = b.timed(torch_step)
+        b.add("attention", f"torch SDPA fwd+bwd, S={seq}, {heads}x{head_dim} bf16", round(s * 1e3, 2), "ms",
+              f"{flops / s / 1e12:.3g} TFLOP/s")
+        del tq, tk, tv, tdo
+        b.free()
 
 
 def _train_size(b: Bench) -> tuple[ModelSize, Case]:
@@ -339,10 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device there is (CPU in the tests)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_results", help="results dir (default $OUT or ./gpu_results)")
-    ap.add_argument("--parts", default="peak,parity,train,denoise", help="comma-separated subset of the parts")
+    ap.add_argument("--parts", default="peak,parity,attention,train,denoise", help="comma-separated subset of the parts")
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    table = {"peak": part_peak, "parity": part_parity, "train": part_train, "denoise": part_denoise}
+    table = {"peak": part_peak, "parity": part_parity, "attention": part_attention, "train": part_train,
+             "denoise": part_denoise}
     bad = [p for p in parts if p not in table]
     if bad:
         ap.error(f"--parts {bad} unknown; choose from {list(table)}")

@@ -1,8 +1,10 @@
 """Memory planning: per-device memory of a training step, from XLA's compiled memory analysis.
 
-    python -m benchmarks.memory --json mem.json                    # contentv-8b, 480p x 125 frames, fsdp 8 / 64 /
-                                                                   # data 2 x fsdp 128, remat full / none, + 4 fit
-                                                                   # compiles: 10 compiles of 30-190 s each here
+    python -m benchmarks.memory --mesh data=2,fsdp=128 --shape 125x480x832 --remat full --attention flash \
+        --json m.json                                              # contentv-8b, 480p x 125 frames, 256 devices
+    python -m benchmarks.memory --mesh data=2,fsdp=32,context=4 --attention ring --json ring.json  # context parallel
+    python -m benchmarks.memory --json mem.json                    # the default grid: fsdp 8 / 64 / data 2 x fsdp
+                                                                   # 128, remat full / none, the config's attention
     python -m benchmarks.memory --grid full --json mem_full.json   # + smaller shapes, fsdp 128 / 256, save_attention
     python -m benchmarks.memory --model tiny --mesh fsdp=2 --shape 9x32x48 --remat full,none --json s.json  # smoke
 
@@ -10,19 +12,16 @@ Nothing is allocated: the trainer's state (`contentv_jax.train.TrainState`: fp32
 `jax.eval_shape`d, given the trainer's shardings (`sharding.logical_shardings`), and the trainer's jitted step
 (`train.StepCache`, donation and shardings as in training) is lowered on abstract inputs and compiled for N
 virtual CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`, set here before JAX is imported). One
-row per (shape, mesh, remat policy); the per-device batch is `--per-device-batch` (default 1), so the global
-batch is that times the mesh's batch shards. Columns (GiB per device):
+row per (shape, mesh, remat policy) with the attention backend of `--attention` (default: the config's; "auto" is
+flash on CPU); the per-device batch is `--per-device-batch` (default 1), so the global batch is that times the
+mesh's batch shards. Columns (GiB per device):
   state    - the train state's shard on one device, summed from its shardings (params + 2 moments + EMA, fp32);
   replicated - the part of `state` in arrays over 1M elements that no mesh axis divides, so every device holds
              them whole (`sharding.replicated_report`; contentv-8b's 2432-wide kernels on fsdp 256: 2432 = 128 x 19);
   args/out/alias/temp - XLA's CompiledMemoryStats; peak = args + out - alias + temp (donated state aliases);
-  scores   - one fp32 attention score tensor [B_local, heads, S, S] of one layer (analytic): the XLA attention
-             path materialises several of these; a flash kernel (cuDNN on GPU, the NPU fused attention) does not;
-  flash_est (EXTRAPOLATED) - the peak without the S^2 attention buffers: per remat policy, the peak on the first
-             mesh is fitted exactly by a + b S + c S^2 through three sequence lengths (the grid's shape plus
-             FIT_SHAPES), and c S^2 is taken off every row of that policy (per-device batch and heads are the same
-             on every fsdp / data mesh, so c is too). `fit_rel_err` checks the fit on a fourth length when the grid
-             has one (--grid full). CPU XLA offers no flash kernel to measure directly.
+  host temp - XLA's host-memory temporaries (activations a remat policy offloads to pinned_host);
+  scores   - one fp32 attention score tensor [B_local, heads, S, S] of one layer (analytic): what the `xla`
+             attention backend materialises (several of them); flash / ring / ulysses never do.
 Caveats: CPU buffer assignment and fusion differ from GPU/TPU/NPU compilers, and CPU XLA may keep bf16 dot
 operands in fp32; treat the numbers as a plan, not a promise. XLA's LLVM optimisation is turned off
 (`xla_backend_optimization_level=0`) to halve compile time: buffer assignment happens before it.
@@ -40,7 +39,6 @@ DEFAULT_MESHES = ("fsdp=8", "fsdp=64", "data=2,fsdp=128")
 FULL_MESHES = ("fsdp=8", "fsdp=64", "fsdp=128", "data=2,fsdp=128", "fsdp=256")
 DEFAULT_REMATS = ("full", "none")
 FULL_REMATS = ("full", "save_attention", "none")
-FIT_SHAPES = ("1x480x832", "9x480x832")
 BUDGETS_GIB = {"64GB_npu": 64.0, "80GB_h100": 80.0}
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -89,11 +87,12 @@ def _state_bytes_per_device(abstract_state, shardings) -> int:
 
 
 def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat: str, per_device_batch: int = 1,
-            dtype: str = "bfloat16") -> dict:
+            dtype: str = "bfloat16", attention: str | None = None) -> dict:
     """Compile one training step on abstract inputs and return its per-device memory (see the module doc)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from contentv_common.config import get_preset
     from contentv_jax import configs as configs_lib
@@ -106,6 +105,7 @@ def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat:
     config = configs_lib.get_config(model_name)
     with config.unlocked():
         config.remat_policy, config.dtype = remat, dtype
+        config.attention_impl = attention or config.attention_impl
     mesh = shd.create_mesh(mesh_spec, devices=jax.devices()[: mesh_devices(mesh_spec)])
     model = tr.build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
@@ -122,7 +122,9 @@ def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat:
     cfg = preset.transformer
     shapes = {"latents": (batch, t, h, w, c), "context": (batch, L, cfg.joint_attention_dim),
               "pooled": (batch, cfg.pooled_projection_dim)}
-    cache = tr.StepCache(tr.make_train_step(model, tx, config, cfg.patch_size), shardings, mesh)
+    null_text = (np.zeros((L, cfg.joint_attention_dim), np.float32), np.zeros((cfg.pooled_projection_dim,), np.float32))
+    # The trainer's step, caption dropout included (only the empty prompt's shapes matter here).
+    cache = tr.StepCache(tr.make_train_step(model, tx, config, cfg.patch_size, null_text), shardings, mesh)
     abstract_batch = {n: jax.ShapeDtypeStruct(shapes[n], jnp.float32, sharding=shd.batch_sharding(mesh, len(shapes[n])))
                       for n in BATCH_KEYS}
 
@@ -136,12 +138,13 @@ def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat:
     seq = tokens + L
     row = {
         "model": model_name, "shape": f"{frames}x{height}x{width}", "latent": f"{t}x{h}x{w}", "mesh": mesh_spec,
-        "devices": mesh.size, "remat": remat, "dtype": dtype, "global_batch": batch, "per_device_batch": per_device_batch,
+        "devices": mesh.size, "remat": remat, "attention": config.attention_impl, "dtype": dtype, "global_batch": batch, "per_device_batch": per_device_batch,
         "video_tokens": tokens, "seq_len": seq,
         "state_gib": _state_bytes_per_device(state, shardings) / gib,
         "replicated_gib": sum(b for _, _, b in shd.replicated_report(boxed, shardings)) / gib,
         "args_gib": m.argument_size_in_bytes / gib, "out_gib": m.output_size_in_bytes / gib,
         "alias_gib": m.alias_size_in_bytes / gib, "temp_gib": m.temp_size_in_bytes / gib,
+        "host_temp_gib": m.host_temp_size_in_bytes / gib,
         "scores_gib": per_device_batch * cfg.num_attention_heads * seq * seq * 4 / gib,
         "compile_s": compile_s,
     }
@@ -151,39 +154,11 @@ def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat:
     return row
 
 
-def add_flash_estimates(rows: list[dict], fit_rows: list[dict]) -> None:
-    """Per remat policy: fit peak(S) = a + b S + c S^2 (GiB) exactly through three points of one mesh (`fit_rows`
-    plus the grid rows on that mesh), then set flash_est_gib = peak - c S^2 on every row of the policy (EXTRAPOLATED).
-    A fourth point on the fit mesh, if any, gives fit_rel_err = |prediction - measured| / measured."""
-    import numpy as np
-
-    for remat in {r["remat"] for r in rows}:
-        mesh = next(r["mesh"] for r in fit_rows if r["remat"] == remat)
-        pts = {r["seq_len"]: r["peak_gib"] for r in rows + fit_rows if r["remat"] == remat and r["mesh"] == mesh}
-        seqs = sorted(pts)
-        if len(seqs) < 3:
-            continue
-        use = [seqs[0], seqs[1], seqs[-1]]
-        a, b, c = np.linalg.solve(np.array([[1.0, x, x * x] for x in use]), np.array([pts[x] for x in use]))
-        check = [x for x in seqs if x not in use]
-        for r in rows + fit_rows:
-            if r["remat"] != remat:
-                continue
-            r["fit_c_gib"] = float(c)
-            r["flash_est_gib"] = r["peak_gib"] - float(c) * r["seq_len"] ** 2
-            for name, budget in BUDGETS_GIB.items():
-                r[f"flash_fits_{name}"] = r["flash_est_gib"] <= budget
-            if check:
-                x = check[0]
-                r["fit_rel_err"] = abs(a + b * x + c * x * x - pts[x]) / pts[x]
-
-
-COLUMNS = [("shape", "frames x H x W"), ("mesh", "mesh"), ("remat", "remat"), ("global_batch", "batch"),
-           ("seq_len", "seq"), ("state_gib", "state GiB"), ("replicated_gib", "replicated GiB"),
-           ("temp_gib", "temp GiB"), ("peak_gib", "peak GiB"),
-           ("scores_gib", "1 score tensor GiB"), ("fits_64GB_npu", "fits 64 GB"), ("fits_80GB_h100", "fits 80 GB"),
-           ("flash_est_gib", "flash est. GiB (extrap.)"), ("flash_fits_64GB_npu", "est. fits 64"),
-           ("flash_fits_80GB_h100", "est. fits 80"), ("compile_s", "compile s")]
+COLUMNS = [("shape", "frames x H x W"), ("mesh", "mesh"), ("attention", "attention"), ("remat", "remat"),
+           ("global_batch", "batch"), ("seq_len", "seq"), ("state_gib", "state GiB"),
+           ("replicated_gib", "replicated GiB"), ("temp_gib", "temp GiB"), ("host_temp_gib", "host temp GiB"),
+           ("peak_gib", "peak GiB"), ("scores_gib", "1 score tensor GiB"), ("fits_64GB_npu", "fits 64 GB"),
+           ("fits_80GB_h100", "fits 80 GB"), ("compile_s", "compile s")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--remat", default=None, help="comma-separated remat policies (contentv_jax.transformer.REMAT_CHOICES)")
     ap.add_argument("--per-device-batch", type=int, default=1)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
-    ap.add_argument("--no-fit", action="store_true", help="skip the flash-attention extrapolation (FIT_SHAPES compiles)")
+    ap.add_argument("--attention", default=None, help="attention backend (contentv_jax.attention.ATTENTION_IMPLS: "
+                    "flash, xla, ring, ulysses, ...; default: the config's, auto = flash on CPU)")
     ap.add_argument("--json", type=str, default=None, help="write the rows + machine facts here (atomically)")
     args = ap.parse_args(argv)
 
@@ -217,32 +193,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.common import machine_info, markdown_table, write_json
 
+    from contentv_jax.attention import ATTENTION_IMPLS
     from contentv_jax.transformer import REMAT_CHOICES
 
     bad = [r for r in remats if r not in REMAT_CHOICES]
     if bad:
         ap.error(f"--remat {bad} unknown; choose from {list(REMAT_CHOICES)}")
-    jobs = [(s, m, r, False) for s in shapes for m in meshes for r in remats]
-    if not args.no_fit:
-        jobs += [(parse_shape(s), meshes[0], r, True) for s in FIT_SHAPES for r in remats
-                 if parse_shape(s) not in shapes]
-    rows, fit_rows = [], []
-    for s, m, r, fit in tqdm(jobs, desc="compile"):
-        row = measure(args.model, s, m, r, args.per_device_batch, args.dtype)
-        (fit_rows if fit else rows).append(row)
-        tqdm.write(f"{row['shape']} {m} remat={r}: peak {row['peak_gib']:.1f} GiB/device "
+    if args.attention is not None and args.attention not in ATTENTION_IMPLS:
+        ap.error(f"--attention {args.attention!r} unknown; choose from {sorted(ATTENTION_IMPLS)}")
+    rows = []
+    for s, m, r in tqdm([(s, m, r) for s in shapes for m in meshes for r in remats], desc="compile"):
+        row = measure(args.model, s, m, r, args.per_device_batch, args.dtype, args.attention)
+        rows.append(row)
+        tqdm.write(f"{row['shape']} {m} {row['attention']} remat={r}: peak {row['peak_gib']:.1f} GiB/device "
                    f"(state {row['state_gib']:.1f}, temp {row['temp_gib']:.1f}), compiled in {row['compile_s']:.0f} s")
     print(f"\nper-device memory of a {args.model} training step ({args.dtype} compute, fp32 state), "
           f"XLA compiled memory analysis on {need} virtual CPU devices\n")
-    if fit_rows:
-        add_flash_estimates(rows, fit_rows)
     print(markdown_table(rows, COLUMNS))
-    if fit_rows:
-        print(f"\nfit points ({meshes[0]}): " + ", ".join(f"{r['shape']} {r['remat']} peak {r['peak_gib']:.1f} GiB"
-                                                       for r in fit_rows))
     if args.json:
         write_json(args.json, {"benchmark": "memory", "argv": sys.argv[1:] if argv is None else argv,
-                               "machine": machine_info(), "rows": rows, "fit_rows": fit_rows})
+                               "machine": machine_info(), "rows": rows})
         print(f"\nwrote {args.json}")
     return 0
 

@@ -12,6 +12,10 @@ Training step (forward + backward + optimizer update), per case (model size, lat
   The two frameworks' steps alternate (jax, torch, jax, ...) so machine load hits both alike. Model FLOPs come from
   `contentv_jax.metrics.train_step_flops` (3x the forward's matmul FLOPs); `frac_peak` = achieved FLOP/s / this
   machine's measured fp32 matmul FLOP/s in the same framework (`common.torch_matmul_peak` / `jax_matmul_peak`).
+Attention (--only attention): forward + backward (dq, dk, dv for a random cotangent) of each JAX backend named by
+  --attention (default xla, flash; flash:BQ:BKV for given blocks) against torch `scaled_dot_product_attention`,
+  fp32, B=1, 8 heads x 64, at --attention-seq tokens (default 1,613 = the `small` 5x32x32 joint sequence, 4,096),
+  calls alternating; the train step runs once per --attention backend, all alternating with the torch step.
 Sampling (classifier-free guidance, the scheduler's shifted sigmas), same weights and inputs for all:
   ours_torch - `contentv_torch.pipeline.denoise` over `ContentVTransformer3DModel`;
   reference  - the released ContentV pipeline's loop: `FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=
@@ -216,7 +220,10 @@ def alternate(fns: dict, repeats: int) -> dict[str, list[float]]:
     return times
 
 
-def bench_train(case: Case, peaks: dict, repeats: int, seed: int = 0, compiler_options: dict | None = None) -> dict:
+def bench_train(case: Case, peaks: dict, repeats: int, seed: int = 0, compiler_options: dict | None = None,
+                attentions: tuple[str, ...] = ("xla",)) -> list[dict]:
+    """One row per JAX attention backend in `attentions`: our step with that backend against the reference step,
+    all steps alternating in one loop (the torch times are shared by the rows)."""
     import jax
     import torch
 
@@ -225,31 +232,95 @@ def bench_train(case: Case, peaks: dict, repeats: int, seed: int = 0, compiler_o
     size = model_sizes()[case.model]
     cfg = size.transformer
     inputs = make_inputs(size, case, seed)
-    jstep, jinfo = jax_train_step(size, inputs, seed, compiler_options=compiler_options)
+    jax_steps = {att: jax_train_step(size, inputs, seed, attention=att, compiler_options=compiler_options)
+                 for att in attentions}
     tstep, tinfo = torch_train_step(size, inputs, seed)
     tstep()  # warm-up (allocator, AdamW state creation)
-    times = alternate({"jax": (jstep, jax.block_until_ready), "torch": (tstep, lambda r: r.item())}, repeats)
+    fns = {att: (step, jax.block_until_ready) for att, (step, _) in jax_steps.items()}
+    fns["torch"] = (tstep, lambda r: r.item())
+    times = alternate(fns, repeats)
     flops = train_step_flops(cfg, (case.t, case.h, case.w), size.text.context_tokens, case.batch)
     tokens = case.batch * case.tokens(cfg.patch_size)
-    row = {"model": case.model, "params": jinfo["params"], "torch_params": tinfo["params"], "batch": case.batch,
-           "latent": f"{case.t}x{case.h}x{case.w}", "video_tokens": tokens,
-           "seq_len": case.tokens(cfg.patch_size) + size.text.context_tokens, "step_gflop": flops / 1e9,
-           "jax_compile_s": jinfo["compile_s"],
-           "jax_temp_mib": None if jinfo["temp_bytes"] is None else jinfo["temp_bytes"] / 2**20,
-           "times_s": times}
-    for fw in ("jax", "torch"):
-        s = float(np.median(times[fw]))
-        row[f"{fw}_s"] = s
-        row[f"{fw}_tokens_per_s"] = tokens / s
-        row[f"{fw}_gflops"] = flops / s / 1e9
-        row[f"{fw}_frac_peak"] = flops / s / peaks[fw]
-    row["torch_over_jax"] = row["torch_s"] / row["jax_s"]
-    row["torch_over_jax_min"] = min(times["torch"]) / min(times["jax"])  # best-of-repeats: less load noise
-    del jstep, tstep
+    rows = []
+    for att, (_, jinfo) in jax_steps.items():
+        row = {"model": case.model, "attention": att, "params": jinfo["params"], "torch_params": tinfo["params"],
+               "batch": case.batch, "latent": f"{case.t}x{case.h}x{case.w}", "video_tokens": tokens,
+               "seq_len": case.tokens(cfg.patch_size) + size.text.context_tokens, "step_gflop": flops / 1e9,
+               "jax_compile_s": jinfo["compile_s"],
+               "jax_temp_mib": None if jinfo["temp_bytes"] is None else jinfo["temp_bytes"] / 2**20,
+               "times_s": {"jax": times[att], "torch": times["torch"]}}
+        for fw, ts in row["times_s"].items():
+            s = float(np.median(ts))
+            row[f"{fw}_s"] = s
+            row[f"{fw}_tokens_per_s"] = tokens / s
+            row[f"{fw}_gflops"] = flops / s / 1e9
+            row[f"{fw}_frac_peak"] = flops / s / peaks[fw]
+        row["torch_over_jax"] = row["torch_s"] / row["jax_s"]
+        row["torch_over_jax_min"] = min(times["torch"]) / min(times[att])  # best-of-repeats: less load noise
+        rows.append(row)
+    del jax_steps, fns, tstep
     gc.collect()
     jax.clear_caches()
     torch.set_grad_enabled(True)
-    return row
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- attention
+def parse_attention_impl(spec: str):
+    """"NAME" (a contentv_jax.attention backend) or "flash:BQ:BKV" (flash with these blocks) -> fn(q, k, v)."""
+    from contentv_jax import attention as A
+
+    name, *blocks = spec.split(":")
+    if name not in A.ATTENTION_IMPLS or (blocks and (name != "flash" or len(blocks) != 2)):
+        raise ValueError(f"attention impl {spec!r}: expected one of {sorted(A.ATTENTION_IMPLS)} or flash:BQ:BKV")
+    if blocks:
+        bq, bkv = map(int, blocks)
+        return lambda q, k, v: A.flash_attention(q, k, v, block_q=bq, block_kv=bkv)
+    return lambda q, k, v: A.attention(q, k, v, name)
+
+
+def bench_attention(seq: int, impls: list[str], repeats: int, heads: int = 8, head_dim: int = 64, batch: int = 1,
+                    seed: int = 0, compiler_options: dict | None = None) -> list[dict]:
+    """Attention forward + backward (the gradients of q, k, v for a random output cotangent), fp32, q = k = v
+    length `seq`, per JAX backend in `impls`, against torch `scaled_dot_product_attention` in the same run (calls
+    alternate). One row per JAX impl: seconds, the ratio to torch, rel_err of the output and dq against torch."""
+    import jax
+    import torch
+
+    rng = np.random.default_rng(seed)
+    q, k, v, do = (rng.standard_normal((batch, seq, heads, head_dim)).astype(np.float32) for _ in range(4))
+    tq, tk, tv = (torch.from_numpy(x.transpose(0, 2, 1, 3).copy()).requires_grad_() for x in (q, k, v))
+    tdo = torch.from_numpy(do.transpose(0, 2, 1, 3).copy())  # torch layout [B, N, S, D]
+
+    def torch_step():
+        o = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+        return (o, *torch.autograd.grad(o, (tq, tk, tv), tdo))
+
+    fns, compile_s = {"torch": (torch_step, lambda r: r)}, {}
+    for spec in impls:
+        fn = parse_attention_impl(spec)
+        step = jax.jit(lambda q, k, v, do, fn=fn: (lambda o, vjp: (o, *vjp(do)))(*jax.vjp(fn, q, k, v)))
+        t0 = time.perf_counter()
+        compiled = step.lower(q, k, v, do).compile(compiler_options)
+        args = [jax.device_put(x) for x in (q, k, v, do)]
+        jax.block_until_ready(compiled(*args))
+        compile_s[spec] = time.perf_counter() - t0
+        fns[spec] = ((lambda c=compiled: c(*args)), jax.block_until_ready)
+    outs = {name: fn() for name, (fn, _) in fns.items()}  # warm-up and the outputs for the error check
+    times = alternate(fns, repeats)
+    to_np = lambda x: x.detach().numpy().transpose(0, 2, 1, 3) if isinstance(x, torch.Tensor) else np.asarray(x)
+    ref = [to_np(x) for x in outs["torch"]]
+    t_torch = float(np.median(times["torch"]))
+    rows = []
+    for spec in impls:
+        s = float(np.median(times[spec]))
+        got = [to_np(x) for x in outs[spec]]
+        rows.append({"seq": seq, "heads": heads, "head_dim": head_dim, "batch": batch, "impl": spec, "s": s,
+                     "torch_s": t_torch, "over_torch": s / t_torch,
+                     "over_torch_min": min(times[spec]) / min(times["torch"]), "compile_s": compile_s[spec],
+                     "rel_err_out": rel_err(got[0], ref[0]), "rel_err_dq": rel_err(got[1], ref[1]),
+                     "times_s": times[spec], "torch_times_s": times["torch"]})
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -373,12 +444,16 @@ def bench_sampling(case: Case, steps: int, repeats: int, seed: int = 0, guidance
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-TRAIN_COLUMNS = [("model", "model"), ("params", "params"), ("latent", "latent TxHxW"), ("batch", "B"),
+TRAIN_COLUMNS = [("model", "model"), ("attention", "jax attention"), ("params", "params"), ("latent", "latent TxHxW"), ("batch", "B"),
                  ("seq_len", "seq"), ("step_gflop", "GFLOP/step"), ("jax_s", "jax s/step"), ("torch_s", "torch s/step"),
                  ("torch_over_jax", "torch/jax time"), ("torch_over_jax_min", "torch/jax best"),
                  ("jax_tokens_per_s", "jax tok/s"),
                  ("torch_tokens_per_s", "torch tok/s"), ("jax_frac_peak", "jax frac peak"),
                  ("torch_frac_peak", "torch frac peak"), ("jax_compile_s", "jax compile s")]
+ATTENTION_COLUMNS = [("seq", "seq"), ("heads", "heads"), ("head_dim", "head dim"), ("impl", "jax impl"),
+                     ("s", "jax s"), ("torch_s", "torch SDPA s"), ("over_torch", "jax/torch time"),
+                     ("over_torch_min", "jax/torch best"), ("rel_err_out", "rel_err out"),
+                     ("rel_err_dq", "rel_err dq"), ("compile_s", "compile s")]
 SAMPLE_COLUMNS = [("impl", "sampler"), ("model", "model"), ("latent", "latent TxHxW"), ("cfg_batch", "DiT batch"),
                   ("seq_len", "seq"), ("s_per_step", "s/step"), ("time_vs_reference", "time vs ref"),
                   ("peak_added_mib", "peak added MiB"), ("rel_err_vs_reference", "rel_err vs ref")]
@@ -387,7 +462,13 @@ SAMPLE_COLUMNS = [("impl", "sampler"), ("model", "model"), ("latent", "latent Tx
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", choices=sorted(SIZES), default="default")
-    ap.add_argument("--only", default="train,sampling", help="comma-separated: train, sampling")
+    ap.add_argument("--only", default="train,sampling", help="comma-separated: train, sampling, attention")
+    ap.add_argument("--attention", default=None, metavar="IMPL,...",
+                    help="JAX attention backends: of the train step (default xla) and of the attention section "
+                         "(default xla,flash); flash:BQ:BKV picks flash blocks in the attention section")
+    ap.add_argument("--attention-seq", default=None, metavar="S,...",
+                    help="attention section sequence lengths (default 1613,4096; smoke 77)")
+    ap.add_argument("--attention-heads", default="8x64", metavar="NxD", help="attention section heads x head_dim")
     ap.add_argument("--train-case", action="append", default=None, metavar="MODEL,B,T,H,W",
                     help=f"train only these cases (repeatable): a model of {sorted(model_sizes())}, batch, latent T, H, W")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default: 3, smoke 1)")
@@ -421,8 +502,17 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             ap.error(f"--train-case: unknown models {bad}; choose from {sorted(model_sizes())}")
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
-    if not parts or parts - {"train", "sampling"}:
-        ap.error(f"--only {args.only!r}: choose from train, sampling")
+    if not parts or parts - {"train", "sampling", "attention"}:
+        ap.error(f"--only {args.only!r}: choose from train, sampling, attention")
+    try:
+        att_impls = args.attention.split(",") if args.attention else None
+        for spec in att_impls or ():
+            parse_attention_impl(spec)
+        att_seqs = [int(x) for x in (args.attention_seq or ("77" if smoke else "1613,4096")).split(",")]
+        heads, head_dim = map(int, args.attention_heads.lower().split("x"))
+    except ValueError as e:
+        ap.error(f"--attention / --attention-seq / --attention-heads: {e}")
+    train_atts = tuple(a for a in att_impls or ("xla",) if ":" not in a)
 
     from tqdm.auto import tqdm
 
@@ -430,14 +520,22 @@ def main(argv: list[str] | None = None) -> int:
     n = args.peak_n or (512 if smoke else 2048)
     peaks = {"torch": torch_matmul_peak(n)["flops_per_s"], "jax": jax_matmul_peak(n)["flops_per_s"]}
     result = {"benchmark": "speed", "argv": sys.argv[1:] if argv is None else argv, "sizes": args.sizes,
-              "machine": info, "matmul_peak_flops": peaks, "peak_matmul_n": n, "train": [], "sampling": []}
+              "machine": info, "matmul_peak_flops": peaks, "peak_matmul_n": n, "attention": [], "train": [],
+              "sampling": []}
     print(f"{info['date_utc']} UTC, {info['nproc']} x {info['cpu_model']}, load {info['loadavg_1m']:.1f}; "
           f"fp32 {n}^3 matmul peak: torch {peaks['torch'] / 1e9:.1f} GFLOP/s, jax {peaks['jax'] / 1e9:.1f} GFLOP/s")
+    if "attention" in parts:
+        for seq in tqdm(att_seqs, desc="attention"):
+            result["attention"] += bench_attention(seq, att_impls or ["xla", "flash"], repeats, heads, head_dim,
+                                                   seed=args.seed)
+        print(f"\n### Attention forward + backward, fp32, B=1, {heads} heads x {head_dim}, vs torch SDPA\n")
+        print(markdown_table(result["attention"], ATTENTION_COLUMNS))
     if "train" in parts:
         for case in tqdm(train_cases, desc="train step"):
-            row = bench_train(case, peaks, repeats, args.seed, SMOKE_COMPILER_OPTIONS if smoke else None)
-            result["train"].append(row)
-            tqdm.write(f"{case}: jax {row['jax_s']:.3f} s, torch {row['torch_s']:.3f} s")
+            rows = bench_train(case, peaks, repeats, args.seed, SMOKE_COMPILER_OPTIONS if smoke else None, train_atts)
+            result["train"] += rows
+            for row in rows:
+                tqdm.write(f"{case} {row['attention']}: jax {row['jax_s']:.3f} s, torch {row['torch_s']:.3f} s")
         print("\n### Training step (forward + backward + AdamW), fp32, one CPU device\n")
         print(markdown_table(result["train"], TRAIN_COLUMNS))
     if "sampling" in parts:
@@ -452,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         from benchmarks.common import write_text
 
-        text = "\n\n".join([markdown_table(result["train"], TRAIN_COLUMNS) if result["train"] else "",
+        text = "\n\n".join([markdown_table(result["attention"], ATTENTION_COLUMNS) if result["attention"] else "",
+                            markdown_table(result["train"], TRAIN_COLUMNS) if result["train"] else "",
                             markdown_table(result["sampling"], SAMPLE_COLUMNS) if result["sampling"] else ""])
         write_text(args.markdown, text.strip() + "\n")
     return 0

@@ -81,7 +81,7 @@ def base(model: str = "tiny") -> ml_collections.ConfigDict:
     c.init_from = ""  # converted SD3.5 / ContentV folder or an earlier stage's checkpoint dir
     c.dtype = "bfloat16" if big else "float32"  # compute dtype; params are always float32 masters
     c.remat_policy = "save_attention" if big else "none"
-    c.attention_impl = "auto" if big else "xla"
+    c.attention_impl = "auto"  # flash on CPU (O(S) memory), cudnn on GPU in bf16, splash on TPU
     # contentv-8b: the model width 2432 = 128 x 19 divides by fsdp <= 128 only (a larger fsdp would replicate the
     # attention kernels on every device), so data takes the rest: 256 devices -> data=2,fsdp=128 (0.94 GiB of
     # fp32 params + AdamW + EMA per device). Fewer than 128 devices: --mesh fsdp=-1 (any power of two <= 128).

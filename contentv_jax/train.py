@@ -30,6 +30,7 @@ from contentv_common.config import ModelPreset, get_preset
 from contentv_common.dataset import ON_CORRUPT
 from contentv_jax import configs as configs_lib
 from contentv_jax import sharding as shd
+from contentv_jax.attention import ATTENTION_IMPLS
 from contentv_jax.checkpoint import Checkpointer, check_resume, resume_flag
 from contentv_jax.data import BATCH_KEYS, BATCH_NDIMS, BatchSource, make_source
 from contentv_jax.flow import drop_captions, flow_matching_loss
@@ -326,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=positive_int, default=None, help="log (and write metrics) every N steps")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="checkpoint every N steps")
     p.add_argument("--seed", type=nonneg_int, default=None, help="run seed (init, noise, data order)")
+    p.add_argument("--attention", default=None, choices=sorted(ATTENTION_IMPLS), help="attention backend (same as "
+                   "--set attention_impl=NAME; ring / ulysses split the sequence over the mesh's context axis; "
+                   "default: the config's)")
     p.add_argument("--fast-compile", action="store_true", help="XLA backend optimisation level 0: faster compiles, "
                    "slower steps (tests, quick CPU checks)")
     p.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
@@ -341,7 +345,7 @@ def config_from_args(args) -> Any:
     configs_lib.apply_overrides(config, args.set)
     return configs_lib.apply_flags(config, args, (
         ("data", "data.name"), ("on_corrupt", "data.on_corrupt"), ("steps", "steps"), ("init_from", "init_from"),
-        ("log_every", "log_every"), ("checkpoint_every", "checkpoint_every"), ("seed", "seed")))
+        ("log_every", "log_every"), ("checkpoint_every", "checkpoint_every"), ("seed", "seed"), ("attention", "attention_impl")))
 
 
 def main(argv=None) -> int:

@@ -30,9 +30,21 @@ from jax.ad_checkpoint import checkpoint_name
 from contentv_common.config import TransformerConfig
 from contentv_common.sincos import sincos_3d
 from contentv_jax.attention import ATTENTION_IMPLS, attention
+from contentv_jax.context_parallel import CONTEXT_PARALLEL_IMPLS
 from contentv_jax.sharding import constrain
 
 Dtype = Any
+
+
+
+def _offload(*names: str) -> Callable:
+    """Save the named activations in pinned host memory (copied out in the forward, back in the backward), the
+    rest recomputed: maxdiffusion's HIDDEN_STATE_WITH_OFFLOAD. Needs a backend with a pinned_host memory space
+    (TPU, GPU; XLA:CPU has one too, but there host and device memory are the same RAM)."""
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(names), offload_src="device",
+        offload_dst="pinned_host")
+
 
 # Remat policy name -> jax.checkpoint policy (None: save nothing, recompute the whole block).
 # The blocks tag `query`, `key`, `value` (after qk-norm), `attn_out` (before the output projections)
@@ -46,6 +58,8 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "save_attention_and_ff": jax.checkpoint_policies.save_only_these_names(
         "query", "key", "value", "attn_out", "ff_hidden"
     ),
+    "offload_attn_out": _offload("attn_out"),
+    "offload_attention": _offload("query", "key", "value", "attn_out"),
 }
 REMAT_CHOICES = ("none", *REMAT_POLICIES)
 
@@ -267,9 +281,12 @@ class JointAttention(_JointFields):
         k = jnp.concatenate([heads(x, proj["to_k"], rms("norm_k")), heads(c, proj["add_k_proj"], rms("norm_added_k"))],
                             axis=1)
         v = jnp.concatenate([heads(x, proj["to_v"], None), heads(c, proj["add_v_proj"], None)], axis=1)
+        # Context-parallel attention keeps K/V split over the sequence like q; the others need every key on each
+        # device (kv_length: unsplit).
+        kv = "length" if self.attention_impl in CONTEXT_PARALLEL_IMPLS else "kv_length"
         q = checkpoint_name(constrain(q, ("batch", "length", "act_heads", None)), "query")  # [B, N+L, heads, hd]
-        k = checkpoint_name(constrain(k, ("batch", "kv_length", "act_heads", None)), "key")
-        v = checkpoint_name(constrain(v, ("batch", "kv_length", "act_heads", None)), "value")
+        k = checkpoint_name(constrain(k, ("batch", kv, "act_heads", None)), "key")
+        v = checkpoint_name(constrain(v, ("batch", kv, "act_heads", None)), "value")
         o = attention(q, k, v, self.attention_impl).reshape(b, -1, d)  # [B, N+L, D]
         o = checkpoint_name(o, "attn_out")
         x_out = _dense(d, ("heads", "embed"), dt, pdt, "to_out")(o[:, :n])
