@@ -37,21 +37,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from contentv_common.cli import UsageError, add_debug_flag, output_dir, output_file, positive_int, run_cli
+from contentv_common.cli import add_debug_flag, output_dir, output_file, positive_int, run_cli
 from contentv_common.config import ModelPreset, get_preset
 from contentv_common.dataset import read_prompt_embeddings
 from contentv_common.latents import denormalize_latents
 from contentv_common.schedule import flow_match_sigmas
 from contentv_jax import configs as configs_lib
 from contentv_jax import sharding as shd
-from contentv_jax.checkpoint import Checkpointer, check_resume, resume_flag
+from contentv_jax.checkpoint import Checkpointer, resume_flag
 from contentv_jax.data import Bucket, make_source
 from contentv_jax.flow import flow_matching_loss
 from contentv_jax.metrics import MetricsWriter
 from contentv_jax.optim import apply_update, lr_schedule, make_optimizer
 from contentv_jax.reward import RewardModel
 from contentv_jax.sampler import euler_sample
-from contentv_jax.run import Loop, StepCache, ThroughputWindow, resume_or_init, resume_step
+from contentv_jax.run import (Loop, StepCache, ThroughputWindow, compiler_options, config_and_mesh, resume_or_init,
+                              resume_step)
 from contentv_jax.train import TrainState, build_model, create_train_state, place_batch
 
 PROG = "python -m contentv_jax.rlhf"
@@ -405,22 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args) -> ml_collections.ConfigDict:
+    config = configs_lib.get_config(args.config, stages=("rlhf",))
+    configs_lib.apply_overrides(config, args.set)
+    return configs_lib.apply_flags(config, args, (
+        ("reward", "rlhf.reward"), ("reward_processor", "rlhf.reward_processor"), ("vae", "rlhf.vae"),
+        ("prompts", "rlhf.prompts"), ("init_from", "init_from"), ("steps", "steps")))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:  # flag and config errors, all found before anything is built or written (exit 2)
-        config = configs_lib.get_config(args.config, stages=("rlhf",))
-        configs_lib.apply_overrides(config, args.set)
-        configs_lib.apply_flags(config, args, (
-            ("reward", "rlhf.reward"), ("reward_processor", "rlhf.reward_processor"), ("vae", "rlhf.vae"),
-            ("prompts", "rlhf.prompts"), ("init_from", "init_from"), ("steps", "steps")))
-        configs_lib.validate_config(config)
-        mesh = shd.create_mesh(args.mesh if args.mesh is not None else config.mesh)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    check_resume(args.checkpoint_dir, args.resume)
+    config, mesh = config_and_mesh(args, config_from_args)
     out = rlhf(config, mesh=mesh, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-               metrics_file=args.metrics_file,
-               compiler_options={"xla_backend_optimization_level": 0} if args.fast_compile else None)
+               metrics_file=args.metrics_file, compiler_options=compiler_options(args.fast_compile))
     e = out["evals"]
     if e:
         print(f"done ({out['stopped']}): held-out reward {e[0]['reward_heldout']:.4f} (step {e[0]['step']}) -> "

@@ -126,6 +126,26 @@ def init_params_from(path: str, state, state_shardings):
     return state.replace(params=params, ema_params=copy(params))
 
 
+def config_and_mesh(args, make_config: Callable[[Any], Any]):
+    """(config, mesh) of a run from its parsed flags (`make_config(args)` applies --config, --set and the flags),
+    validated together with --resume / --checkpoint-dir before anything is built or written: a bad flag or config
+    field is a UsageError (exit 2)."""
+    from contentv_jax import configs as configs_lib  # configs imports the sharding rules this module also uses
+
+    try:
+        config = configs_lib.validate_config(make_config(args))
+        mesh = shd.create_mesh(args.mesh if args.mesh is not None else config.mesh)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    check_resume(args.checkpoint_dir, args.resume)
+    return config, mesh
+
+
+def compiler_options(fast_compile: bool) -> dict | None:
+    """XLA options of `--fast-compile`: backend optimisation level 0 (faster compiles, slower steps)."""
+    return {"xla_backend_optimization_level": 0} if fast_compile else None
+
+
 def resume_step(resume: str, ckpt: Checkpointer | None) -> int | None:
     """The step to restore for `--resume` (auto: the latest checkpoint if any; no: none, and the directory must
     hold none; <step>: that one, which needs --checkpoint-dir). Bad combinations raise UsageError."""

@@ -24,23 +24,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contentv_common.cli import (UsageError, add_debug_flag, nonneg_int, output_dir, output_file, positive_int,
-                                  run_cli)
+from contentv_common.cli import add_debug_flag, nonneg_int, output_dir, output_file, positive_int, run_cli
 from contentv_common.config import ModelPreset, get_preset
 from contentv_common.dataset import ON_CORRUPT
 from contentv_jax import configs as configs_lib
 from contentv_jax import sharding as shd
 from contentv_jax.attention import ATTENTION_IMPLS
-from contentv_jax.checkpoint import Checkpointer, check_resume, resume_flag
+from contentv_jax.checkpoint import Checkpointer, resume_flag
 from contentv_jax.data import BATCH_KEYS, BATCH_NDIMS, BatchSource, make_source
 from contentv_jax.flow import drop_captions, flow_matching_loss
 from contentv_jax.metrics import MetricsWriter, peak_flops, train_step_flops
 from contentv_jax.optim import apply_update, lr_schedule, make_optimizer
-from contentv_jax.run import (  # noqa: F401  (abstract_with_shardings, load_init_params, init_params_from: re-exported)
+from contentv_jax.run import (  # noqa: F401  (NonFiniteError, abstract_with_shardings, load_init_params, init_params_from: re-exported)
     Loop,
     NonFiniteError,
     StepCache,
     ThroughputWindow,
+    compiler_options,
+    config_and_mesh,
     abstract_with_shardings,
     init_params_from,
     load_init_params,
@@ -352,15 +353,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.coordinator_address or args.num_processes:
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    try:  # flag and config errors, all found before anything is built or written (exit 2)
-        config = configs_lib.validate_config(config_from_args(args))
-        mesh = shd.create_mesh(args.mesh if args.mesh is not None else config.mesh)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    check_resume(args.checkpoint_dir, args.resume)
+    config, mesh = config_and_mesh(args, config_from_args)
     out = train(config, mesh=mesh, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                metrics_file=args.metrics_file, tb_dir=args.tb_dir,
-                compiler_options={"xla_backend_optimization_level": 0} if args.fast_compile else None)
+                metrics_file=args.metrics_file, tb_dir=args.tb_dir, compiler_options=compiler_options(args.fast_compile))
     h = out["history"]
     if h:
         print(f"done ({out['stopped']}): loss {h[0]['loss']:.4f} at step {h[0]['step']} -> {h[-1]['loss']:.4f} at step "
