@@ -13,7 +13,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
 import torch
 
 from benchmarks.common import machine_info, time_fn, write_json
