@@ -4,9 +4,10 @@ One device:      python -m contentv_torch.generate --model ContentV-8B --prompt 
 24 GB GPU:       ... --offload --tiled-vae
 Several devices: torchrun --nproc-per-node 4 -m contentv_torch.generate ... --sp 2 --cfg-parallel
 Ascend NPU:      ... --device npu   (imports torch_npu; attention through npu_fusion_attention)
+LoRA adapters:   ... --lora style.safetensors --lora-scale 0.8 --lora motion.safetensors   (each its own scale)
 
 Every input is checked (model folder and configs, frame count 4k+1, sizes multiple of 16, latents file and
-shape, output path writable) before any weight is loaded. --latents-in / --latents-out are safetensors
+shape, LoRA files against the model's layers, output path writable) before any weight is loaded. --latents-in / --latents-out are safetensors
 files with one tensor `latents` [B, 16, T, H/8, W/8]: the initial noise in, the final latents (the DiT's
 normalised space, before the VAE) out. With B > 1, videos go to OUT-0.mp4, OUT-1.mp4, ...
 """
@@ -20,8 +21,8 @@ from pathlib import Path
 import torch
 
 from contentv_common import preflight
-from contentv_common.cli import (UsageError, add_debug_flag, guidance_scale, nonneg_int, positive_float,
-                                  positive_int, run_cli)
+from contentv_common.cli import (UsageError, add_debug_flag, finite_float, guidance_scale, nonneg_int,
+                                  positive_float, positive_int, run_cli)
 from contentv_common.schedule import SIGMA_GRIDS
 from contentv_common.step_cache import POLICIES, check_truncation, make_policy, parse_interval, read_calibration
 from contentv_common.video_io import check_writable, write_mp4
@@ -31,6 +32,25 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp1
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 log = logging.getLogger("contentv_torch.generate")
 PROG = "python -m contentv_torch.generate"
+
+
+class _AddLora(argparse.Action):
+    """--lora FILE: one more adapter, scale 1.0 until a --lora-scale after it says otherwise."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.lora = [*(namespace.lora or []), [value, 1.0, False]]
+
+
+class _SetLoraScale(argparse.Action):
+    """--lora-scale S: the scale of the --lora just before it (one per file)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if not namespace.lora:
+            parser.error(f"argument --lora-scale: {value:g} must follow the --lora FILE it scales")
+        if namespace.lora[-1][2]:
+            parser.error(f"argument --lora-scale: {namespace.lora[-1][0]} has a scale already (one --lora-scale "
+                         "per --lora)")
+        namespace.lora[-1][1:] = [value, True]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,9 +91,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="apply CFG only for sigmas in [START, END] (0 <= START <= END <= 1)")
     ap.add_argument("--cfg-truncation", type=float, metavar="F",
                     help="drop the uncond pass after the first fraction F of the steps (0..1)")
+    ap.add_argument("--lora", action=_AddLora, metavar="FILE", default=[],
+                    help="a diffusers / PEFT LoRA safetensors file for the DiT (repeatable)")
+    ap.add_argument("--lora-scale", action=_SetLoraScale, type=finite_float, metavar="S",
+                    help="the scale of the --lora before it (default 1.0; 0 = off)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     add_debug_flag(ap)
     args = ap.parse_args(argv)
+    args.lora = [(path, scale) for path, scale, _ in args.lora]
     try:  # our own flags' values, each error naming its flag
         args.guidance_interval = parse_interval(args.guidance_interval) if args.guidance_interval else None
         if args.cfg_truncation is not None:
@@ -114,6 +139,22 @@ def save_latents(path: str | Path, latents: torch.Tensor) -> None:
         save_file({"latents": latents.detach().float().cpu().contiguous()}, str(tmp))
 
 
+def check_loras(loras: list[tuple[str, float]], info) -> list:
+    """[(file, scale)] -> [(LoraAdapter, scale)], each read and checked against the folder's DiT built on the
+    meta device (layer names and shapes, no weights)."""
+    from contentv_torch.lora import check_lora, read_lora
+    from contentv_torch.transformer import ContentVTransformer3DModel
+
+    if not loras:
+        return []
+    with torch.device("meta"):
+        dit = ContentVTransformer3DModel(info.transformer)
+    adapters = [(read_lora(path), scale) for path, scale in loras]
+    for adapter, _ in adapters:
+        check_lora(adapter, dit)
+    return adapters
+
+
 def video_paths(output: str | Path, n: int) -> list[Path]:
     output = Path(output)
     return [output] if n == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(n)]
@@ -152,6 +193,7 @@ def main(argv=None) -> list[Path]:
                                       p.text.context_tokens, guidance > 1, act_bytes)
     preflight.check_fits(f"--frames {frames} --height {height} --width {width} x {n} video(s)", needed,
                          *free_memory(args.device))
+    loras = check_loras(args.lora, info)
     outputs = video_paths(args.output, n)
     for path in outputs + ([Path(args.latents_out)] if args.latents_out else []):
         check_writable(path)
@@ -170,6 +212,8 @@ def main(argv=None) -> list[Path]:
     rank0 = parallel is None or parallel.rank == 0
     pipe = ContentVPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=device, offload=args.offload,
                                             tiled_vae=args.tiled_vae, compile=args.compile, parallel=parallel)
+    for adapter, scale in loras:
+        pipe.load_lora(adapter, scale)
     # 3. Sample (every rank), decode and write (rank 0).
     out = pipe(args.prompt, args.negative_prompt, frames=frames, height=height, width=width, steps=args.steps,
                guidance=args.guidance, seed=args.seed, latents=latents, num_videos_per_prompt=n,

@@ -2,6 +2,7 @@
 
     pipe = ContentVPipeline.from_pretrained("ContentV-8B", device="cuda", offload=True, tiled_vae=True)
     out = pipe("a red fox running through snow", seed=0)   # out.frames [B, F, H, W, 3] uint8
+    lora = pipe.load_lora("style.safetensors", scale=0.8)   # a diffusers LoRA on the DiT; lora.remove() undoes it
 
 Steps: SD3.5 prompt encoding (`text.py`) -> flow-matching Euler over the scheduler's shifted sigmas (the
 released ContentV grid linspace(1, 0, N + 1)[:-1] by default, SD3's `set_timesteps(N)` grid on request) with
@@ -288,6 +289,14 @@ class ContentVPipeline:
             if self.offload:
                 module.to("cpu")
                 _empty_cache(self.device)
+
+    def load_lora(self, adapter, scale: float = 1.0):
+        """Apply a diffusers / PEFT LoRA safetensors file (or a read `contentv_torch.lora.LoraAdapter`) to the DiT
+        as forward hooks (no second copy of the model; several stack, each with its scale). Returns the
+        `LoraHandle`: change `.scale` between calls, `.remove()` to return to the base model exactly."""
+        from contentv_torch.lora import apply_lora
+
+        return apply_lora(self.transformer, adapter, scale)
 
     def prepare_latents(self, shape, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Gaussian noise of `shape` drawn on the CPU in fp32 (the same on every device), moved to the device."""

@@ -85,6 +85,16 @@ CASES = [
     ("generate", _gen("--latents-out", "{txt}/l.safetensors"), 1, "not writable"),
     ("generate", _gen("--device", "tpu"), 1, "unknown device"),
     ("generate", _gen("--device", "cuda:0"), 1, "cuda"),
+    # ---- generate --lora: flags (exit 2), then files checked against the DiT's layers (exit 1)
+    ("generate", _gen("--lora-scale", "0.5"), 2, "must follow the --lora FILE"),
+    ("generate", _gen("--lora", "{lora_key}", "--lora-scale", "nan"), 2, "argument --lora-scale"),
+    ("generate", _gen("--lora", "{lora_key}", "--lora-scale", "abc"), 2, "argument --lora-scale"),
+    ("generate", _gen("--lora", "{lora_key}", "--lora-scale", "1", "--lora-scale", "2"), 2, "has a scale already"),
+    ("generate", _gen("--lora", "{missing}"), 1, "no such file"),
+    ("generate", _gen("--lora", "{evil_pth}"), 1, "not a readable safetensors file"),
+    ("generate", _gen("--lora", "{lora_key}"), 1, "transformer_blocks.9.attn.to_q.lora_A.weight names no module"),
+    ("generate", _gen("--lora", "{lora_shape}"), 1, "do not fit the Linear [32, 32]"),
+    ("generate", _gen("--lora", "{lat_key}"), 1, "'noise' is not a LoRA tensor"),
     # ---- train: flags (exit 2)
     *[("train", [flag, v], 2, f"argument {flag}") for flag, values in {
         "--steps": ["0", "-5", "abc", "1.5"], "--log-every": ["0", "-1"], "--checkpoint-every": ["0", "-3"],
@@ -225,6 +235,10 @@ def ws(tiny_folder, tmp_path_factory):  # noqa: F811
     save_file({"noise": torch.zeros(1, 16, 3, 4, 6)}, str(root / "lat_key.safetensors"))
     save_file({"latents": torch.zeros(16, 3, 4, 6)}, str(root / "lat_4d.safetensors"))
     save_file({"latents": torch.zeros(1, 16, 3, 4, 7)}, str(root / "lat_shape.safetensors"))
+    for name, block, down in [("lora_key", 9, (4, 32)), ("lora_shape", 0, (4, 30))]:
+        q = f"transformer.transformer_blocks.{block}.attn.to_q"
+        save_file({f"{q}.lora_A.weight": torch.zeros(down), f"{q}.lora_B.weight": torch.zeros(32, 4)},
+                  str(root / f"{name}.safetensors"))
     (root / "captions.jsonl").write_text(json.dumps({"file": "a.mp4", "caption": "a cat"}) + "\n")
     (root / "bad_captions.jsonl").write_text('{"file": "a.mp4", "caption": "x"}\n{"file": "b.mp4"}\n')
     # a checkpoint of another model (other shapes than the tiny run's): a params tree of the wrong width
@@ -239,7 +253,7 @@ def ws(tiny_folder, tmp_path_factory):  # noqa: F811
         "dir": root / "a_dir", "txt_dir": root / "txt_dir", "captions": root / "captions.jsonl",
         "bad_captions": root / "bad_captions.jsonl", "ckpt_other": root / "ckpt_other",
         "empty_pth": root / "empty.pth", "trunc_pth": root / "trunc.pth", "evil_pth": root / "evil.pth",
-        **{k: root / f"{k}.safetensors" for k in ("lat_key", "lat_4d", "lat_shape")},
+        **{k: root / f"{k}.safetensors" for k in ("lat_key", "lat_4d", "lat_shape", "lora_key", "lora_shape")},
     }
     for name, component, spoil in [("bad_te3", "text_encoder_3", _spoil_weights), ("bad_te", "text_encoder", _spoil_weights),
                                    ("bad_vae", "vae", _spoil_weights), ("bad_dit", "transformer", _spoil_weights),
