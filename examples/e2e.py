@@ -81,18 +81,30 @@ class Settings:
     videos_per_prompt: int
     prompts: int  # held-out prompts to generate (0: all)
     seen_prompts: int  # training captions also generated (every 3rd; 0: none): can it make what it was shown?
+    # 8. LoRA: the new concept's clips (shapes.new_captions()), old training clips mixed in so the adapter keeps what
+    # the base knows (prior preservation, as DreamBooth-style recipes do), validation clips of the new concept
+    lora_clips_per_caption: int
+    lora_replay_per_caption: int
+    lora_val_clips_per_caption: int
+    lora_rank: int
+    lora_alpha: float
+    lora_steps: int
+    lora_lr: float
+    lora_eval_every: int  # validation loss every N steps (and at step 0 and the last)
 
     @staticmethod
     def full() -> Settings:
         return Settings(clips_per_caption=12, vae_steps=600, vae_batch=4, vae_frames=9, vae_lr=5e-4, kl_weight=1e-6, dit_steps=16000,
                         dit_lr=1e-3, caption_dropout=0.1, sample_steps=16, guidance=4.0, videos_per_prompt=8, prompts=0,
-                        seen_prompts=6)
+                        seen_prompts=6, lora_clips_per_caption=8, lora_replay_per_caption=2, lora_val_clips_per_caption=2,
+                        lora_rank=8, lora_alpha=8.0, lora_steps=3000, lora_lr=1e-3, lora_eval_every=250)
 
     @staticmethod
     def quick() -> Settings:
         return Settings(clips_per_caption=1, vae_steps=2, vae_batch=2, vae_frames=1, vae_lr=2e-3, kl_weight=1e-6, dit_steps=2,
                         dit_lr=1e-3, caption_dropout=0.1, sample_steps=2, guidance=2.0, videos_per_prompt=1, prompts=2,
-                        seen_prompts=1)
+                        seen_prompts=1, lora_clips_per_caption=1, lora_replay_per_caption=0, lora_val_clips_per_caption=1,
+                        lora_rank=2, lora_alpha=2.0, lora_steps=2, lora_lr=1e-3, lora_eval_every=1)
 
 
 def _summary(phase: str, text: str, t0: float) -> None:
@@ -114,20 +126,26 @@ def _run(cmd: list[str], phase: str, log: Path, quiet: bool = False, threads: in
 
 
 # ---- 1. clips ---------------------------------------------------------------------------------------------
-def make_clips(out: Path, s: Settings, seed: int) -> Path:
-    """out/clips/: c<i>.mp4 + captions.jsonl ({"file", "caption"} per line), training captions only."""
+def write_clips(folder: Path, jobs: list[shapes.Caption], seed: int, desc: str) -> Path:
+    """folder/: c<i>.mp4 for each caption of `jobs` + captions.jsonl ({"file", "caption"} per line)."""
     from contentv_common.video_io import write_mp4
 
-    t0 = time.time()
     rng = np.random.default_rng(seed)
-    jobs = [c for c in shapes.captions("train") for _ in range(s.clips_per_caption)]
-    with atomic_dir(out / "clips", overwrite=True) as root:
+    with atomic_dir(folder, overwrite=True) as root:
         lines = []
-        for i, cap in enumerate(tqdm(jobs, desc="[1/7 clips] render + mp4", unit="clip")):
+        for i, cap in enumerate(tqdm(jobs, desc=desc, unit="clip")):
             write_mp4(root / f"c{i:04d}.mp4", shapes.render(cap, FRAMES, HEIGHT, WIDTH, rng), fps=FPS)
             lines.append(json.dumps({"file": f"c{i:04d}.mp4", "caption": cap.text}))
         (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    _summary("1/7 clips", f"{len(jobs)} clips ({len(shapes.captions('train'))} training captions x "
+    return folder
+
+
+def make_clips(out: Path, s: Settings, seed: int) -> Path:
+    """out/clips/: the training captions' clips (encode_dataset's input)."""
+    t0 = time.time()
+    jobs = [c for c in shapes.captions("train") for _ in range(s.clips_per_caption)]
+    write_clips(out / "clips", jobs, seed, "[1/8 clips] render + mp4")
+    _summary("1/8 clips", f"{len(jobs)} clips ({len(shapes.captions('train'))} training captions x "
              f"{s.clips_per_caption}), {FRAMES}x{HEIGHT}x{WIDTH} at {FPS} fps -> {out / 'clips'}", t0)
     return out / "clips"
 
@@ -159,7 +177,7 @@ def train_vae(out: Path, clips: Path, s: Settings, seed: int, fast_compile: bool
     trainer = VAETrainer(cfg, lr=s.vae_lr, kl_weight=s.kl_weight, seed=seed, sample=False,
                          compiler_options={"xla_backend_optimization_level": 0} if fast_compile else None)
     rng = np.random.default_rng(seed + 1)
-    bar = tqdm(range(s.vae_steps), desc="[2/7 vae] train (recon + KL, JAX)", unit="step")
+    bar = tqdm(range(s.vae_steps), desc="[2/8 vae] train (recon + KL, JAX)", unit="step")
     first = last = None
     for _ in bar:
         start = int(rng.integers(0, FRAMES - s.vae_frames + 1))
@@ -173,21 +191,23 @@ def train_vae(out: Path, clips: Path, s: Settings, seed: int, fast_compile: bool
     folder = out / "ContentV-shapes"
     make_tiny_contentv_folder(folder, PRESET, seed=seed, words=shapes.WORDS)
     convert(out / "vae_flax", folder / "vae", "torch", overwrite=True)  # replaces the random vae/ (atomically)
-    _summary("2/7 vae", f"{s.vae_steps} steps, recon MSE {first['recon']:.4f} -> {last['recon']:.4f}, "
+    _summary("2/8 vae", f"{s.vae_steps} steps, recon MSE {first['recon']:.4f} -> {last['recon']:.4f}, "
              f"KL {last['kl']:.1f}, latent std {float(np.mean(std)):.2f} -> {folder}", t0)
     return folder
 
 
 # ---- 3-5: the CLIs -----------------------------------------------------------------------------------------
-def encode(out: Path, clips: Path, folder: Path) -> Path:
+def encode(out: Path, clips: Path, folder: Path, data: Path | None = None, phase: str = "3/8 encode") -> Path:
+    """python -m contentv_torch.encode_dataset: clips/ -> a latent dataset (default out/dataset/)."""
     t0 = time.time()
-    data = out / "dataset"
-    tqdm.write("[3/7 encode] python -m contentv_torch.encode_dataset")
+    data = data or out / "dataset"
+    tqdm.write(f"[{phase}] python -m contentv_torch.encode_dataset")
     _run([sys.executable, "-m", "contentv_torch.encode_dataset", "--model", str(folder), "--captions",
           str(clips / "captions.jsonl"), "--output", str(data), "--buckets", f"{FRAMES}x{HEIGHT}x{WIDTH}",
-          "--fps", str(FPS), "--batch-size", "16", "--device", "cpu", "--overwrite"], "3/7 encode", out / "encode.log")
+          "--fps", str(FPS), "--batch-size", "16", "--device", "cpu", "--overwrite"], phase,
+         data.parent / f"{data.name}-encode.log")
     manifest = json.loads((data / "manifest.json").read_text())
-    _summary("3/7 encode", f"latent dataset -> {data} ({len(manifest['records'])} clips, "
+    _summary(phase, f"latent dataset -> {data} ({len(manifest['records'])} clips, "
              f"{len(manifest['skipped'])} skipped)", t0)
     return data
 
@@ -195,16 +215,16 @@ def encode(out: Path, clips: Path, folder: Path) -> Path:
 def train_dit(out: Path, data: Path, s: Settings, seed: int, fast_compile: bool = False) -> Path:
     t0 = time.time()
     ckpt, metrics = out / "ckpt", out / "metrics.jsonl"
-    tqdm.write("[4/7 train] python -m contentv_jax.train")
+    tqdm.write("[4/8 train] python -m contentv_jax.train")
     _run([sys.executable, "-m", "contentv_jax.train", "--config", PRESET, "--data", str(data), "--steps",
           str(s.dit_steps), "--checkpoint-dir", str(ckpt), "--checkpoint-every", str(s.dit_steps), "--resume", "no",
           "--metrics-file", str(metrics), "--log-every", str(max(1, min(50, s.dit_steps // 4))), "--seed", str(seed),
           "--set", f"optim.lr={s.dit_lr}", "--set", f"optim.warmup_steps={min(20, s.dit_steps)}",
           "--set", f"data.buckets=[({FRAMES},{HEIGHT},{WIDTH},8)]", "--set", f"flow.caption_dropout={s.caption_dropout}"] + (["--fast-compile"] if fast_compile else []),
-         "4/7 train", out / "train.log")
+         "4/8 train", out / "train.log")
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     losses = [r["loss"] for r in records if "loss" in r]
-    _summary("4/7 train", f"{s.dit_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} -> {ckpt}" if losses
+    _summary("4/8 train", f"{s.dit_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} -> {ckpt}" if losses
              else f"{s.dit_steps} steps -> {ckpt}", t0)
     return ckpt
 
@@ -212,38 +232,41 @@ def train_dit(out: Path, data: Path, s: Settings, seed: int, fast_compile: bool 
 def convert_ckpt(out: Path, ckpt: Path, folder: Path) -> Path:
     t0 = time.time()
     trained = out / "ContentV-shapes-trained"
-    tqdm.write("[5/7 convert] python -m convert")
+    tqdm.write("[5/8 convert] python -m convert")
     _run([sys.executable, "-m", "convert", "--to", "torch", str(ckpt), str(trained), "--components", str(folder),
-          "--overwrite", "-q"], "5/7 convert", out / "convert.log")
-    _summary("5/7 convert", f"{ckpt} -> {trained} (transformer/ from the checkpoint, the rest from {folder.name}/)", t0)
+          "--overwrite", "-q"], "5/8 convert", out / "convert.log")
+    _summary("5/8 convert", f"{ckpt} -> {trained} (transformer/ from the checkpoint, the rest from {folder.name}/)", t0)
     return trained
 
 
 # ---- 6. generate + contact sheet -----------------------------------------------------------------------------
-def generate(out: Path, models: dict[str, Path], prompts: list[shapes.Caption], s: Settings, seed: int,
-             workers: int = 2) -> dict:
+def generate(out: Path, models: dict[str, tuple[Path, list[str]]], prompts: list[shapes.Caption], s: Settings,
+             seed: int, phase: str = "6/8 generate", main_model: str = "trained", workers: int = 2) -> dict:
     """{model name: [(caption, [video paths])]} after running generate (guidance `s.guidance`) for every (model,
-    prompt); `workers` CLI processes at a time, one torch thread each (their start-up is single-threaded)."""
+    prompt); models: name -> (ContentV folder, extra generate flags such as --lora FILE). Videos go to
+    out/samples/<name>/, contact sheets to out/contact_sheet.png (`main_model`) and out/contact_sheet_<name>.png.
+    `workers` CLI processes at a time, one torch thread each (their start-up is single-threaded)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from contentv_torch.generate import video_paths
     from contentv_common.video_io import read_mp4
 
     t0 = time.time()
-    (out / "logs").mkdir(exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
 
     def job(name: str, i: int, cap: shapes.Caption) -> list[Path]:
-        split = "heldout" if cap.heldout else "seen"
+        split = "new" if cap.new else "heldout" if cap.heldout else "seen"
         mp4 = out / "samples" / name / f"p{i:02d}-{split}-{cap.text.replace(' ', '_')}.mp4"
-        _run([sys.executable, "-m", "contentv_torch.generate", "--model", str(models[name]), "--prompt", cap.text,
+        folder, extra = models[name]
+        _run([sys.executable, "-m", "contentv_torch.generate", "--model", str(folder), "--prompt", cap.text,
               "--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH), "--steps", str(s.sample_steps),
               "--guidance", str(s.guidance), "--seed", str(seed + i), "--num-videos", str(s.videos_per_prompt),
-              "--output", str(mp4), "--fps", str(FPS), "--device", "cpu", "--quiet"], "6/7 generate",
+              "--output", str(mp4), "--fps", str(FPS), "--device", "cpu", "--quiet", *extra], phase,
              out / "logs" / f"generate-{name}-{i:02d}.log", quiet=True, threads=1)
         return video_paths(mp4, s.videos_per_prompt)
 
     jobs = [(name, i, cap) for name in models for i, cap in enumerate(prompts)]
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(jobs), desc="[6/7 generate] python -m contentv_torch.generate",
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(jobs), desc=f"[{phase}] python -m contentv_torch.generate",
                                                    unit="prompt") as bar:
         futures = [pool.submit(job, *j) for j in jobs]
         for f in futures:
@@ -253,12 +276,13 @@ def generate(out: Path, models: dict[str, Path], prompts: list[shapes.Caption], 
     for (name, _, cap), p in zip(jobs, paths):
         done[name].append((cap, p))
     for name, rows in done.items():
-        sheet = out / ("contact_sheet.png" if name == "trained" else f"contact_sheet_{name}.png")
+        sheet = out / ("contact_sheet.png" if name == main_model else f"contact_sheet_{name}.png")
         write_contact_sheet(sheet, [read_mp4(paths[0])[0] for _, paths in rows])
     n = sum(len(p) for rows in done.values() for _, p in rows)
-    held = sum(c.heldout for c in prompts)
-    _summary("6/7 generate", f"{n} videos for {held} held-out + {len(prompts) - held} seen prompts x {list(models)}, "
-             f"guidance {s.guidance} -> {out / 'samples'}, {out / 'contact_sheet.png'}", t0)
+    counts = {k: sum(f(c) for c in prompts) for k, f in (("new", lambda c: c.new), ("held-out", lambda c: c.heldout),
+                                                          ("seen", lambda c: not c.new and not c.heldout))}
+    _summary(phase, f"{n} videos for {' + '.join(f'{v} {k}' for k, v in counts.items() if v)} prompts x "
+             f"{list(models)}, guidance {s.guidance} -> {out / 'samples'}, {out / 'contact_sheet*.png'}", t0)
     return done
 
 
@@ -290,22 +314,11 @@ def check(out: Path, done: dict, clips: Path, settings: Settings, timings: dict)
     report = {"frames": FRAMES, "height": HEIGHT, "width": WIDTH, "settings": asdict(settings),
               "heldout_pairs": sorted(map(list, shapes.HELDOUT_PAIRS)),
               "analyser_accuracy_on_training_clips": float(np.mean(real)),
-              "analyser_accuracy_on_vae_roundtrips": vae_roundtrip_accuracy(out / "vae_flax", clips, lines[::6]),
+              "analyser_accuracy_on_vae_roundtrips": vae_roundtrip_accuracy(out / "ContentV-shapes" / "vae", clips,
+                                                                            lines[::6]),
               "models": {}}
-    def accuracies(rows):
-        return {f"{k}_accuracy": float(np.mean([r[k] for r in rows])) if rows else None
-                for k in ("colour", "direction", "both", "last_frame_colour")}
-
     for name, rows in done.items():
-        per = []
-        for cap, paths in rows:
-            for p in paths:
-                frames = read_mp4(p)[0]
-                a = shapes.analyse(frames)
-                last = shapes.analyse(frames[-1:]).colour  # the drift check: the last frame's own colour
-                per.append({"prompt": cap.text, "video": str(p.relative_to(out)), "colour": a.colour,
-                            "direction": a.direction, "shift": a.shift, "foreground": a.foreground,
-                            **shapes.score(cap, a), "last_frame_colour": last == cap.colour})
+        per = score_videos(out, rows)
         held = [r for r in per if by_text[r["prompt"]].heldout]
         seen = [r for r in per if not by_text[r["prompt"]].heldout]
         report["models"][name] = {  # the top-level accuracies are the held-out prompts'
@@ -323,32 +336,171 @@ def check(out: Path, done: dict, clips: Path, settings: Settings, timings: dict)
                 f" last-frame colour {m['last_frame_colour_accuracy']:.0%}")
 
     parts = [f"{n}: held-out {fmt(m)} | seen {fmt(m['seen'])}" for n, m in report["models"].items()]
-    _summary("7/7 check", f"{'; '.join(parts)} (analyser on training clips {report['analyser_accuracy_on_training_clips']:.0%}, "
+    _summary("7/8 check", f"{'; '.join(parts)} (analyser on training clips {report['analyser_accuracy_on_training_clips']:.0%}, "
              f"on their VAE round trips {report['analyser_accuracy_on_vae_roundtrips']:.0%})"
              f" -> {out / 'report.json'}", t0)
     return report
 
 
-def vae_roundtrip_accuracy(vae_flax: Path, clips: Path, lines: list[dict]) -> float:
-    """Fraction of the clips `lines` ({"file", "caption"}) whose VAE round trip (vae_flax/, decode of the posterior
-    mean, clamped, to uint8) the analyser scores right on colour and direction."""
-    import jax
-    import jax.numpy as jnp
-    from contentv_jax.sampler import to_uint8
-    from contentv_jax.vae import WanVAE
+def score_videos(out: Path, rows: list, directions=shapes.DIRECTIONS) -> list[dict]:
+    """rows [(caption, [video paths])] -> one dict per video: what the analyser reads (directions: the names it may
+    answer) and whether colour, direction and both match the prompt, and the last frame's own colour."""
     from contentv_common.video_io import read_mp4
-    from convert.formats import load_params
 
-    cfg, params = load_params(vae_flax)
-    model = WanVAE(cfg)
-    roundtrip = jax.jit(lambda p, v: model.apply({"params": p}, model.apply({"params": p}, v, method="encode")[0],
-                                                 method="decode"))
-    by_text, hits = {c.text: c for c in shapes.captions()}, []
+    per = []
+    for cap, paths in rows:
+        for p in paths:
+            frames = read_mp4(p)[0]
+            a = shapes.analyse(frames, directions)
+            last = shapes.analyse(frames[-1:]).colour  # the drift check: the last frame's own colour
+            per.append({"prompt": cap.text, "video": str(p.relative_to(out)), "colour": a.colour,
+                        "direction": a.direction, "shift": a.shift, "foreground": a.foreground,
+                        **shapes.score(cap, a), "last_frame_colour": last == cap.colour})
+    return per
+
+
+def accuracies(rows: list[dict]) -> dict:
+    """Mean of each score over `rows` (score_videos' dicts); None for no rows."""
+    return {f"{k}_accuracy": float(np.mean([r[k] for r in rows])) if rows else None
+            for k in ("colour", "direction", "both", "last_frame_colour")}
+
+
+def vae_roundtrip_accuracy(vae: Path, clips: Path, lines: list[dict], directions=shapes.DIRECTIONS) -> float:
+    """Fraction of the clips `lines` ({"file", "caption"}) whose round trip through the VAE folder `vae` (PyTorch,
+    fp32: decode of the posterior mean, clamped, to uint8) the analyser scores right on colour and direction."""
+    import torch
+
+    from contentv_common.video_io import read_mp4
+    from contentv_torch.pipeline import to_uint8_frames
+    from contentv_torch.vae import WanVAE
+
+    model = WanVAE.from_pretrained(vae, dtype=torch.float32)
+    by_text, hits = {c.text: c for c in shapes.captions() + shapes.new_captions()}, []
     for x in lines:
-        video = read_mp4(clips / x["file"])[0].astype(np.float32)[None] / 127.5 - 1.0  # [1, F, H, W, 3]
-        frames = to_uint8(roundtrip(params, jnp.asarray(video)))[0]
-        hits.append(shapes.score(by_text[x["caption"]], shapes.analyse(frames))["both"])
+        video = torch.from_numpy(read_mp4(clips / x["file"])[0]).float() / 127.5 - 1.0  # [F, H, W, 3]
+        with torch.no_grad():
+            frames = to_uint8_frames(model.decode(model.encode(video.permute(3, 0, 1, 2)[None])[0]))[0]
+        hits.append(shapes.score(by_text[x["caption"]], shapes.analyse(frames, directions))["both"])
     return float(np.mean(hits))
+
+
+# ---- 8. LoRA: teach the trained base a new concept -------------------------------------------------------------
+def lora_clips(out: Path, s: Settings, seed: int) -> tuple[Path, Path]:
+    """out/lora/clips/ (the new concept's captions x lora_clips_per_caption, then every old training caption x
+    lora_replay_per_caption) and out/lora/val_clips/ (the new concept only, other random starts)."""
+    t0 = time.time()
+    new, old = shapes.new_captions(), shapes.captions("train")
+    jobs = [c for c in new for _ in range(s.lora_clips_per_caption)] + \
+        [c for c in old for _ in range(s.lora_replay_per_caption)]
+    train = write_clips(out / "lora" / "clips", jobs, seed + 100, "[8/8 lora] clips")
+    val = write_clips(out / "lora" / "val_clips", [c for c in new for _ in range(s.lora_val_clips_per_caption)],
+                      seed + 200, "[8/8 lora] validation clips")
+    _summary("8/8 lora: clips", f"{len(new) * s.lora_clips_per_caption} new-concept clips ({len(new)} captions "
+             f"'... moving {next(iter(shapes.NEW_DIRECTIONS))}' x {s.lora_clips_per_caption}) + "
+             f"{len(old) * s.lora_replay_per_caption} old ones -> {train}; "
+             f"{len(new) * s.lora_val_clips_per_caption} validation clips -> {val}", t0)
+    return train, val
+
+
+def train_lora(out: Path, base: Path, data: Path, val: Path, s: Settings, seed: int, fast_compile: bool = False) -> Path:
+    """python -m contentv_jax.train with --lora-rank on the frozen base (--init-from the base folder, the very
+    weights generate applies the adapter to), validation loss on the new concept's clips; then
+    python -m convert --to peft: the adapter as a diffusers LoRA file. Returns the file."""
+    t0 = time.time()
+    root = out / "lora"
+    ckpt, metrics, lora_file = root / "ckpt", root / "metrics.jsonl", root / "lora.safetensors"
+    tqdm.write("[8/8 lora] python -m contentv_jax.train --lora-rank")
+    _run([sys.executable, "-m", "contentv_jax.train", "--config", PRESET, "--data", str(data), "--val-data", str(val),
+          "--init-from", str(base), "--lora-rank", str(s.lora_rank), "--lora-alpha", str(s.lora_alpha),
+          "--steps", str(s.lora_steps), "--eval-every", str(s.lora_eval_every), "--checkpoint-dir", str(ckpt),
+          "--checkpoint-every", str(s.lora_steps), "--resume", "no", "--metrics-file", str(metrics),
+          "--log-every", str(max(1, min(50, s.lora_steps // 4))), "--seed", str(seed),
+          "--set", f"optim.lr={s.lora_lr}", "--set", f"optim.warmup_steps={min(20, s.lora_steps)}",
+          "--set", f"data.buckets=[({FRAMES},{HEIGHT},{WIDTH},8)]", "--set", f"flow.caption_dropout={s.caption_dropout}",
+          "--set", "eval.num_prompts=0"] + (["--fast-compile"] if fast_compile else []),
+         "8/8 lora", root / "train.log")
+    tqdm.write("[8/8 lora] python -m convert --to peft")
+    _run([sys.executable, "-m", "convert", "--to", "peft", str(ckpt), str(lora_file), "--overwrite", "-q"],
+         "8/8 lora", root / "convert.log")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    _summary("8/8 lora: train", f"rank {s.lora_rank} alpha {s.lora_alpha:g}, {s.lora_steps} steps, loss "
+             f"{losses[0]:.3f} -> {losses[-1]:.3f}, val_loss (new concept) {vals[0]:.3f} -> {vals[-1]:.3f} -> "
+             f"{lora_file}", t0)
+    return lora_file
+
+
+def check_lora_phase(out: Path, done: dict, val: Path, base: Path, s: Settings, timings: dict) -> dict:
+    """out/lora/report.json: per model (base without / with the adapter) the new concept's accuracies and the old
+    prompts' (held-out and seen), every video read with the new direction among the analyser's answers (so an
+    adapter that turned old prompts diagonal loses points); the LoRA run's loss and val_loss curves."""
+    from contentv_common.video_io import read_mp4
+
+    t0 = time.time()
+    root = out / "lora"
+    directions = shapes.ALL_DIRECTIONS
+    lines = [json.loads(x) for x in (val / "captions.jsonl").read_text().splitlines() if x]
+    by_text = {c.text: c for c in shapes.captions() + shapes.new_captions()}
+    real = [shapes.score(by_text[x["caption"]], shapes.analyse(read_mp4(val / x["file"])[0], directions))["both"]
+            for x in lines]
+    records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    report = {"new_concept": f"moving {next(iter(shapes.NEW_DIRECTIONS))} {shapes.NEW_DIRECTIONS}",
+              "settings": asdict(s), "base": str(base),
+              "analyser_accuracy_on_new_clips": float(np.mean(real)),
+              "analyser_accuracy_on_new_vae_roundtrips": vae_roundtrip_accuracy(base / "vae", val, lines, directions),
+              "loss": [[r["step"], r["loss"]] for r in records if "loss" in r],
+              "val_loss": [[r["step"], r["val_loss"]] for r in records if "val_loss" in r],
+              "models": {}}
+    for name, rows in done.items():
+        per = score_videos(root, rows, directions)
+        groups = {"new": [r for r in per if by_text[r["prompt"]].new],
+                  "heldout": [r for r in per if by_text[r["prompt"]].heldout],
+                  "seen": [r for r in per if not by_text[r["prompt"]].new and not by_text[r["prompt"]].heldout]}
+        report["models"][name] = {**{k: {"videos": len(v), **accuracies(v)} for k, v in groups.items()},
+                                  "per_video": per}
+    report["timings_s"] = timings
+    with atomic_file(root / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+
+    def fmt(m):
+        return "-" if not m["videos"] else f"{m['colour_accuracy']:.0%}/{m['direction_accuracy']:.0%}/{m['both_accuracy']:.0%}"
+
+    parts = [f"{n}: new {fmt(m['new'])}, held-out {fmt(m['heldout'])}, seen {fmt(m['seen'])}"
+             for n, m in report["models"].items()]
+    _summary("8/8 lora: check", f"colour/direction/both -- {'; '.join(parts)} (analyser on new clips "
+             f"{report['analyser_accuracy_on_new_clips']:.0%}, on their VAE round trips "
+             f"{report['analyser_accuracy_on_new_vae_roundtrips']:.0%}) -> {root / 'report.json'}", t0)
+    return report
+
+
+def run_lora_phase(out: Path, base: Path, s: Settings, seed: int, fast_compile: bool = False) -> dict:
+    """Phase 8 on a trained base folder: new-concept clips -> encode -> LoRA train + export -> generate the new
+    concept's and the old prompts with and without the adapter -> check. Everything under out/lora/."""
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *a):
+        t = time.time()
+        result = fn(*a)
+        timings[name] = round(time.time() - t, 1)
+        return result
+
+    root = out / "lora"
+    train_clips, val_clips = timed("clips", lora_clips, out, s, seed)
+    data = timed("encode", encode, root, train_clips, base, root / "dataset", "8/8 lora: encode")
+    val = timed("encode_val", encode, root, val_clips, base, root / "val_dataset", "8/8 lora: encode")
+    lora_file = timed("train", train_lora, out, base, data, val, s, seed, fast_compile)
+    prompts = shapes.new_captions()[:s.prompts or None] + old_prompts(s)
+    done = timed("generate", generate, root, {"base": (base, []), "lora": (base, ["--lora", str(lora_file)])},
+                 prompts, s, seed, "8/8 lora: generate", "lora")
+    return check_lora_phase(out, done, val_clips, base, s, timings)
+
+
+def old_prompts(s: Settings) -> list[shapes.Caption]:
+    """The base phases' prompts: the held-out captions (the first s.prompts; 0: all), then every 3rd training
+    caption (the first s.seen_prompts)."""
+    held = shapes.captions("heldout")
+    return (held[:s.prompts] if s.prompts else held) + shapes.captions("train")[::3][:s.seen_prompts]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -357,9 +509,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="e2e_out", help="working / output folder (default e2e_out)")
     ap.add_argument("--quick", action="store_true", help="every phase with a handful of steps (CI)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--phases", default="base,lora", type=lambda v: v.split(","), metavar="base,lora",
+                    help="base: phases 1-7 (the base model and its check); lora: phase 8 on --base (default both)")
+    ap.add_argument("--base", type=Path, metavar="DIR",
+                    help="lora alone: the trained ContentV folder to adapt, e.g. e2e_out/ContentV-shapes-trained "
+                         "(read only; default: --out's)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help=f"override a run size, e.g. --set dit_steps=1200; fields: {list(Settings.__dataclass_fields__)}")
     args = ap.parse_args(argv)
+    if not args.phases or not set(args.phases) <= {"base", "lora"}:
+        ap.error(f"--phases {','.join(args.phases)}: expected base, lora or base,lora")
+    if args.base is not None and "base" in args.phases:
+        ap.error("--base is the trained folder of an earlier run: give it with --phases lora only")
+    base = args.base or Path(args.out) / "ContentV-shapes-trained"
+    if args.phases == ["lora"] and not (base / "model_index.json").is_file():
+        ap.error(f"--phases lora needs a trained ContentV folder: {base} has no model_index.json (run the base "
+                 "phases first, or give --base)")
     s = Settings.quick() if args.quick else Settings.full()
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -381,18 +546,22 @@ def main(argv: list[str] | None = None) -> dict:
         timings[name] = round(time.time() - t, 1)
         return result
 
-    clips = timed("clips", make_clips, out, s, args.seed)
-    folder = timed("vae", train_vae, out, clips, s, args.seed, args.quick)
-    data = timed("encode", encode, out, clips, folder)
-    ckpt = timed("train", train_dit, out, data, s, args.seed, args.quick)
-    trained = timed("convert", convert_ckpt, out, ckpt, folder)
-    prompts = shapes.captions("heldout")
-    prompts = (prompts[:s.prompts] if s.prompts else prompts) + shapes.captions("train")[::3][:s.seen_prompts]
-    done = timed("generate", generate, out, {"trained": trained, "untrained": folder}, prompts, s, args.seed)
-    timings["total_before_check"] = round(time.time() - start, 1)
-    report = check(out, done, clips, s, timings)
-    tqdm.write(f"done in {time.time() - start:.0f} s: {out / 'report.json'}, {out / 'contact_sheet.png'}")
-    return report
+    reports = {}
+    if "base" in args.phases:
+        clips = timed("clips", make_clips, out, s, args.seed)
+        folder = timed("vae", train_vae, out, clips, s, args.seed, args.quick)
+        data = timed("encode", encode, out, clips, folder)
+        ckpt = timed("train", train_dit, out, data, s, args.seed, args.quick)
+        trained = timed("convert", convert_ckpt, out, ckpt, folder)
+        done = timed("generate", generate, out, {"trained": (trained, []), "untrained": (folder, [])}, old_prompts(s),
+                     s, args.seed)
+        timings["total_before_check"] = round(time.time() - start, 1)
+        reports["base"] = check(out, done, clips, s, timings)
+    if "lora" in args.phases:
+        reports["lora"] = run_lora_phase(out, base, s, args.seed, args.quick)
+    written = [out / "report.json"] * ("base" in reports) + [out / "lora" / "report.json"] * ("lora" in reports)
+    tqdm.write(f"done in {time.time() - start:.0f} s: {', '.join(map(str, written))}")
+    return reports
 
 
 if __name__ == "__main__":

@@ -2,12 +2,18 @@
 
     captions(split) -> [Caption]            "a red square moving right", ...; split "train" | "heldout" | "all"
     render(caption, frames, height, width, rng) -> [F, H, W, 3] uint8
-    analyse(frames [F, H, W, 3] uint8) -> Analysis: dominant non-background colour and the direction the
-        colour mass moves in (None where the video shows no clear shape / motion)
+    analyse(frames [F, H, W, 3] uint8, directions=DIRECTIONS) -> Analysis: dominant non-background colour and the
+        direction the colour mass moves in (None where the video shows no clear shape / motion)
     score(caption, analysis) -> {"colour": bool, "direction": bool, "both": bool}
 
 Held-out captions are whole colour x direction pairs never seen in training (each colour and each direction
 is seen in training with the other partners), in both shapes: the generator has to compose them.
+
+The LoRA phase's new concept is a motion the base never saw, named by a word it never read: "diagonally" (down and
+to the right at once; `new_captions()`). A motion, not a new colour or shape, because the demo's VAE only learnt the
+training clips' palette and shapes: it decodes yellow, magenta, cyan or white as blue or green and a triangle as a
+circle (measured on the trained VAE), while it keeps a diagonal path readable (the analyser reads its round trips
+right), so the concept is one the latent space can hold and only the MM-DiT has to learn.
 """
 from __future__ import annotations
 
@@ -21,6 +27,9 @@ SHAPES = ("square", "circle")
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}  # (dx, dy) in image coordinates
 HELDOUT_PAIRS = {("red", "right"), ("green", "left"), ("blue", "down")}
 WORDS = (*COLOURS, *SHAPES, *DIRECTIONS, "moving")  # caption words (whole tokens of the tiny tokenizers)
+# The LoRA phase's new concept: never in the base's clips or its tokenizers' vocabularies (byte tokens only).
+NEW_DIRECTIONS = {"diagonally": (1, 1)}
+ALL_DIRECTIONS = {**DIRECTIONS, **NEW_DIRECTIONS}
 
 FG_THRESHOLD = 60.0  # RGB distance from the background above which a pixel is foreground
 MIN_FG_PIXELS = 4  # per frame, for a centroid
@@ -41,6 +50,11 @@ class Caption:
     def heldout(self) -> bool:
         return (self.colour, self.direction) in HELDOUT_PAIRS
 
+    @property
+    def new(self) -> bool:
+        """The LoRA phase's new concept (a direction the base never saw)."""
+        return self.direction in NEW_DIRECTIONS
+
 
 def captions(split: str = "all") -> list[Caption]:
     """Every colour x shape x direction caption of `split` ("train", "heldout" or "all"), in a fixed order."""
@@ -50,11 +64,16 @@ def captions(split: str = "all") -> list[Caption]:
     return [c for c in out if split == "all" or c.heldout == (split == "heldout")]
 
 
+def new_captions() -> list[Caption]:
+    """Every colour x shape with the new direction, in a fixed order (the LoRA phase's concept)."""
+    return [Caption(c, s, d) for c in COLOURS for s in SHAPES for d in NEW_DIRECTIONS]
+
+
 def render(caption: Caption, frames: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """One clip [F, H, W, 3] uint8: the shape (size half the frame height) moves at constant speed over
     about half the frame along its direction, from a random start that keeps it inside the frame."""
     r = 0.25 * height  # half-size of the shape
-    dx, dy = DIRECTIONS[caption.direction]
+    dx, dy = ALL_DIRECTIONS[caption.direction]
     travel = np.array([0.5 * width * dx, 0.5 * height * dy])  # total displacement in pixels (x, y)
     lo = np.array([r, r]) + np.maximum(0, -travel)
     hi = np.array([width - r, height - r]) - np.maximum(0, travel)
@@ -80,13 +99,14 @@ class Analysis:
     foreground: float  # mean fraction of foreground pixels per frame
 
 
-def analyse(frames: np.ndarray) -> Analysis:
+def analyse(frames: np.ndarray, directions: dict[str, tuple[int, int]] = DIRECTIONS) -> Analysis:
     """frames [F, H, W, 3] uint8 -> the dominant non-background colour and the direction of the colour mass.
 
     Foreground = pixels farther than FG_THRESHOLD from the background colour. Colour: majority vote of the
     foreground pixels' nearest palette colours. Direction: the least-squares slope of the foreground centroid
     over the frames with >= MIN_FG_PIXELS foreground pixels, times the clip length, as a fraction of the frame
-    size; the larger axis gives the direction, if it travels at least MIN_SHIFT."""
+    size (the shift); the name in `directions` whose unit vector is nearest in angle, if the shift along it is
+    at least MIN_SHIFT (for the four axis directions: the larger axis). ALL_DIRECTIONS adds the new concept."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"analyse: frames must be [F, H, W, 3], got shape {frames.shape}")
@@ -112,9 +132,10 @@ def analyse(frames: np.ndarray) -> Analysis:
         t = np.asarray(idx, np.float32)
         slope = [np.polyfit(t, np.asarray(c), 1)[0] * (f - 1) for c in (cxs, cys)]
         shift = (float(slope[0]), float(slope[1]))
-        axis = int(abs(shift[1]) > abs(shift[0]))
-        if abs(shift[axis]) >= MIN_SHIFT:
-            direction = {(0, 1): "right", (0, -1): "left", (1, 1): "down", (1, -1): "up"}[(axis, int(np.sign(shift[axis])))]
+        along = {name: float(np.dot(v, shift) / np.linalg.norm(v)) for name, v in directions.items()}
+        best = max(along, key=along.get)  # ties: the first listed (right before down)
+        if along[best] >= MIN_SHIFT:
+            direction = best
     return Analysis(colour, direction, shift, float(fg.mean()))
 
 

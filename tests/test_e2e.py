@@ -49,7 +49,7 @@ def test_e2e_quick(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "examples.e2e", "--quick", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for phase in ("1/7 clips", "2/7 vae", "3/7 encode", "4/7 train", "5/7 convert", "6/7 generate", "7/7 check"):
+    for phase in ("1/8 clips", "2/8 vae", "3/8 encode", "4/8 train", "5/8 convert", "6/8 generate", "7/8 check"):
         assert f"[{phase}]" in proc.stdout + proc.stderr, f"no summary line for phase {phase}"
 
     # 1. clips: the real encode_dataset input, training captions only
