@@ -23,6 +23,10 @@ def test_analyse_reads_rendered_clips(direction):
             cap = shapes.Caption(colour, shape, direction)
             a = shapes.analyse(shapes.render(cap, 9, 32, 48, rng))
             assert shapes.score(cap, a) == {"colour": True, "direction": True, "both": True}, (cap, a)
+    for cap in shapes.new_captions():  # the LoRA phase's concept, read when the analyser may answer it
+        v = shapes.render(cap, 9, 32, 48, rng)
+        assert shapes.score(cap, shapes.analyse(v, shapes.ALL_DIRECTIONS))["both"], cap
+        assert shapes.analyse(v).direction in ("right", "down")  # the base phases' analyser has no such answer
     still = np.full((9, 32, 48, 3), shapes.BACKGROUND, np.uint8)
     assert shapes.analyse(still).colour is None and shapes.analyse(still).direction is None
 
@@ -49,7 +53,8 @@ def test_e2e_quick(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "examples.e2e", "--quick", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for phase in ("1/8 clips", "2/8 vae", "3/8 encode", "4/8 train", "5/8 convert", "6/8 generate", "7/8 check"):
+    for phase in ("1/8 clips", "2/8 vae", "3/8 encode", "4/8 train", "5/8 convert", "6/8 generate", "7/8 check",
+                  "8/8 lora: clips", "8/8 lora: encode", "8/8 lora: train", "8/8 lora: generate", "8/8 lora: check"):
         assert f"[{phase}]" in proc.stdout + proc.stderr, f"no summary line for phase {phase}"
 
     # 1. clips: the real encode_dataset input, training captions only
@@ -90,6 +95,37 @@ def test_e2e_quick(tmp_path):
         assert [r["prompt"] in held for r in m["per_video"]] == [True, True, False]
         assert m["per_video"][2]["prompt"] in seen
     assert set(report["timings_s"]) >= {"clips", "vae", "encode", "train", "convert", "generate"}
+
+    # 8. LoRA on the trained folder: new-concept + validation clips, adapter file, videos with / without it, report
+    from contentv_torch.lora import read_lora
+
+    lora = out / "lora"
+    new = [json.loads(x)["caption"] for x in (lora / "clips" / "captions.jsonl").read_text().splitlines()]
+    assert new == [c.text for c in shapes.new_captions()] and all("diagonally" in c for c in new)
+    adapter = read_lora(lora / "lora.safetensors")
+    assert {lay.rank for lay in adapter.layers.values()} == {2} and len(adapter.layers) == 21
+    rep = json.loads((lora / "report.json").read_text())
+    assert rep["analyser_accuracy_on_new_clips"] == 1.0
+    assert [step for step, _ in rep["val_loss"]] == [0, 1, 2]  # --val-data every step, from the base at step 0
+    for name in ("base", "lora"):
+        videos = sorted((lora / "samples" / name).glob("*.mp4"))
+        assert [v.name.split("-")[1] for v in videos] == ["new", "new", "heldout", "heldout", "seen"], videos
+        m = rep["models"][name]
+        assert (m["new"]["videos"], m["heldout"]["videos"], m["seen"]["videos"]) == (2, 2, 1)
+        assert all(0.0 <= m[g][k] <= 1.0 for g in ("new", "heldout", "seen") for k in ("colour_accuracy", "both_accuracy"))
+    assert (lora / "contact_sheet.png").is_file() and (lora / "contact_sheet_base.png").is_file()
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["--phases", "lora"], "needs a trained ContentV folder"),
+    (["--phases", "lora,base2"], "--phases lora,base2"),
+    (["--phases", "base", "--base", "x"], "--base is the trained folder of an earlier run"),
+])
+def test_e2e_phase_flags(argv, want, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "examples.e2e", "--quick", "--out", str(tmp_path / "o"), *argv],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and want in proc.stderr, proc.stderr
+    assert not (tmp_path / "o" / "lora").exists()
 
 
 def get_default_vae_std():
