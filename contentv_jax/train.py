@@ -282,7 +282,8 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     if base is not None and start is None and config.lora.init:
         state = lora_lib.init_adapter(config.lora.init, state, state_shardings, model.lora, preset.transformer.num_layers)
         log(f"initialised the LoRA adapter from {config.lora.init}")
-    evaluator = _evaluator(config, model, preset, source, Path(metrics_file).parent if metrics_file
+    eval_model = model if base is None else model.clone(lora=None)  # LoRA: samples with the merged params
+    evaluator = _evaluator(config, eval_model, preset, source, Path(metrics_file).parent if metrics_file
                            else Path(checkpoint_dir or "."), log)
     steps_cache = StepCache(make_train_step(model, tx, config, preset.transformer.patch_size, _null_text(config, source, log)),
                             state_shardings, mesh, rules, compiler_options)
