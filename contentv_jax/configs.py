@@ -148,6 +148,7 @@ def base(model: str = "tiny") -> ml_collections.ConfigDict:
     c.lora.alpha = 0.0  # the update is scaled by alpha / rank; 0: alpha = rank (scale 1, diffusers' SD3 recipe)
     c.lora.targets = list(LORA_DEFAULT_TARGETS)  # module-path patterns, ours ("attn/to_q") or diffusers' ("attn.to_q")
     c.lora.base_dtype = "bfloat16" if big else "float32"
+    c.lora.init = ""  # a diffusers / PEFT LoRA .safetensors to start the adapter from (--lora-init)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = {"tiny": 0, "small": 500}.get(model, 2000)  # 0: none (the tiny default run stays short)
@@ -427,5 +428,5 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 _MISSING = object()
 # Fields naming inputs (empty = none); data.name is a dataset path unless "synthetic".
-_PATH_FIELDS = ("init_from", "data.name", "data.val_data", "eval.vae", "rlhf.reward", "rlhf.reward_processor", "rlhf.vae",
-                "rlhf.prompts")
+_PATH_FIELDS = ("init_from", "lora.init", "data.name", "data.val_data", "eval.vae", "rlhf.reward",
+                "rlhf.reward_processor", "rlhf.vae", "rlhf.prompts")

@@ -150,13 +150,13 @@ def init_base(model, dummy_inputs, rng):
 # The JSON next to a LoRA run's checkpoints: what export and resume need to know.
 
 
-def write_spec(checkpoint_dir: str | Path, spec: LoraSpec, base: str, base_dtype: str) -> None:
+def write_spec(checkpoint_dir: str | Path, spec: LoraSpec, base: str, base_dtype: str, num_layers: int) -> None:
     """Write (or check) <checkpoint_dir>/lora.json. An existing file with another rank / alpha / targets is an
     error: the checkpoints there hold a differently shaped adapter."""
     from contentv_common.weights import atomic_file
 
     path = Path(checkpoint_dir) / SPEC_FILE
-    record = {**spec.to_json(), "base": str(base), "base_dtype": base_dtype}
+    record = {**spec.to_json(), "base": str(base), "base_dtype": base_dtype, "num_layers": int(num_layers)}
     if path.is_file():
         old = read_spec(path.parent)
         if old != spec:
@@ -235,7 +235,7 @@ def load_base(config, model, preset, mesh, rules, *, checkpoint_dir=None, base_p
         raise ValueError("lora.rank > 0 trains an adapter on a base model: give it with --init-from")
     if checkpoint_dir is not None and jax.process_index() == 0:
         write_spec(checkpoint_dir, spec, str(Path(config.init_from).absolute()) if config.init_from
-                   else "(base params given by the program)", config.lora.base_dtype)
+                   else "(base params given by the program)", config.lora.base_dtype, preset.transformer.num_layers)
     if base_params is None:
         base = load_init_params(config.init_from, abstract, shardings)
     else:
@@ -246,3 +246,18 @@ def load_base(config, model, preset, mesh, rules, *, checkpoint_dir=None, base_p
     log(f"LoRA rank {spec.rank} alpha {spec.alpha:g} on {len(adapted)} Dense layers "
         f"({', '.join(sorted({module_name(p) for p in adapted}))}); base {config.lora.base_dtype}, frozen")
     return base
+
+
+def init_adapter(path: str, state, state_shardings, spec: LoraSpec, num_layers: int):
+    """`state` with its adapter (and the adapter's EMA) set from a diffusers / PEFT LoRA file (`--lora-init`):
+    continue training an exported or third-party adapter. Its rank, alpha and modules must be the run's."""
+    from convert.lora import adapter_from_peft
+
+    want = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(state.params, sep="/").items()}
+    adapter = adapter_from_peft(path, want, spec.rank, spec.alpha, num_layers)
+    flat = flax.traverse_util.flatten_dict(adapter, sep="/")
+    flat_sh = flax.traverse_util.flatten_dict(state_shardings.params, sep="/")
+    placed = flax.traverse_util.unflatten_dict(
+        {k: jax.device_put(jnp.asarray(v, jnp.float32), flat_sh[k]) for k, v in flat.items()}, sep="/")
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_shardings.params)
+    return state.replace(params=placed, ema_params=copy(placed))

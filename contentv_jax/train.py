@@ -290,7 +290,11 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     state = resume_or_init(state, state_shardings, step=start, ckpt=ckpt,
                            init_from=config.init_from if base is None else None,  # LoRA: the base is not the state
                            restore_data=source.restore, writer=writer, log=log)
-    evaluator = _evaluator(config, model, preset, source, Path(metrics_file).parent if metrics_file
+    if base is not None and start is None and config.lora.init:
+        state = lora_lib.init_adapter(config.lora.init, state, state_shardings, model.lora, preset.transformer.num_layers)
+        log(f"initialised the LoRA adapter from {config.lora.init}")
+    eval_model = model if base is None else model.clone(lora=None)  # LoRA: samples with the merged params
+    evaluator = _evaluator(config, eval_model, preset, source, Path(metrics_file).parent if metrics_file
                            else Path(checkpoint_dir or "."), log)
     validator = None
     if val_set is not None and base is None:
@@ -381,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA: Dense layers to adapt, by module-path pattern, ours (attn/to_q, ff/proj_in) or "
                    "diffusers' (attn.to_q, ff.net.0.proj); fnmatch wildcards (default: attention q/k/v/out of both "
                    "streams and both feed-forwards)")
+    p.add_argument("--lora-init", default=None, metavar="FILE", help="LoRA: start the adapter from a diffusers / "
+                   "PEFT LoRA .safetensors (python -m convert --to peft, or a diffusers-trained one; ignored when "
+                   "resuming); its rank, alpha and modules must match --lora-rank/--lora-alpha/--lora-targets")
     p.add_argument("--lora-base-dtype", choices=sorted(DTYPES), default=None, help="LoRA: dtype the frozen base is "
                    "held in (default: bfloat16 for contentv-8b, float32 otherwise)")
     p.add_argument("--on-corrupt", choices=ON_CORRUPT, default=None, help="a corrupt / unreadable dataset "
@@ -410,7 +417,7 @@ def config_from_args(args) -> Any:
         ("eval_every", "eval.every"), ("on_corrupt", "data.on_corrupt"), ("steps", "steps"), ("init_from", "init_from"),
         ("log_every", "log_every"), ("checkpoint_every", "checkpoint_every"), ("seed", "seed"), ("attention", "attention_impl"),
         ("lora_rank", "lora.rank"), ("lora_alpha", "lora.alpha"), ("lora_targets", "lora.targets"),
-        ("lora_base_dtype", "lora.base_dtype")))
+        ("lora_base_dtype", "lora.base_dtype"), ("lora_init", "lora.init")))
 
 
 def main(argv=None) -> int:

@@ -55,8 +55,8 @@ def _config(steps=6, rank=4, **lora):
 
 
 def _train(config, base, mesh_spec="data=1", **kw):
-    devices = jax.devices()[:1] if mesh_spec == "data=1" else None
-    mesh = shd.create_mesh(mesh_spec, devices)
+    n = int(np.prod([max(v, 1) for v in shd.parse_mesh_spec(mesh_spec).values()]))
+    mesh = shd.create_mesh(mesh_spec, jax.devices()[:n])
     out = T.train(config, log=lambda s: None, compiler_options=FAST, mesh=mesh, base_params=base, **kw)
     return [h["loss"] for h in out["history"]], out
 
@@ -87,7 +87,10 @@ def test_step0_equals_base_and_adapter_equals_merged(base):
 
 
 def test_only_adapter_trains_and_loss_falls(base, tmp_path):
-    losses, out = _train(_config(steps=12), base)
+    config = _config(steps=12)
+    config.eval.every = 12  # the evaluation sampler runs on the merged base + EMA adapter
+    losses, out = _train(config, base, checkpoint_dir=str(tmp_path / "ckpt"))
+    assert list((tmp_path / "ckpt" / "samples").glob("*"))
     state = out["state"]
     flat = flax.traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
     assert flat and all(k.endswith(("/lora_A", "/lora_B")) for k in flat)
@@ -105,7 +108,8 @@ def ref_losses(base):
     return _train(_config(steps=3), base)[0]
 
 
-@pytest.mark.parametrize("mesh_spec,remat", [("data=2,fsdp=2,tensor=2", "full"), ("fsdp=2,tensor=2,context=2", "none")])
+# every mesh axis, scan + remat: tensor with full remat, data x fsdp x context with a name-based policy
+@pytest.mark.parametrize("mesh_spec,remat", [("fsdp=2,tensor=2", "full"), ("data=2,fsdp=2,context=2", "save_attention")])
 def test_sharded_mesh_matches_one_device(base, ref_losses, mesh_spec, remat):
     ref = ref_losses
     config = _config(steps=3)
