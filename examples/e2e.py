@@ -2,6 +2,7 @@
 
     python -m examples.e2e --out e2e_out            # the whole run (3207 s on a loaded shared 2-core box)
     python -m examples.e2e --out e2e_out --quick    # every phase with a handful of steps (CI: tests/test_e2e.py)
+    python -m examples.e2e --out e2e_lora --phases lora --base e2e_out/ContentV-shapes-trained   # phase 8 alone
 
 Phases (each shows a progress bar and ends with a one-line summary):
   1. clips     coloured squares / circles moving left / right / up / down on a plain background
@@ -23,6 +24,14 @@ Phases (each shows a progress bar and ends with a one-line summary):
                in the prompt's direction (examples.shapes.analyse); accuracies for both models, held-out and seen
                prompts apart -> report.json. Also the analyser on training clips and on their VAE round trips:
                if those pass, a generated video's failure is the MM-DiT's, not the VAE's.
+  8. lora      teach the trained base a concept it never saw: the word "diagonally" (a shape moving down and to the
+               right at once; examples.shapes.NEW_DIRECTIONS; the tokenizers have no token for it) with a LoRA:
+               clips of the 6 "a <colour> <shape> moving diagonally" captions plus old training captions' clips
+               (prior preservation) -> encode_dataset -> contentv_jax.train --init-from <base folder> --lora-rank
+               --val-data <new-concept validation clips> -> convert --to peft -> generate the new captions and the
+               old prompts with and without --lora -> lora/report.json: accuracies per group, every video read with
+               "diagonally" among the analyser's answers; the run's loss and val_loss. All under --out/lora/;
+               --phases lora --base DIR runs it on an earlier run's trained folder (read only).
 Every output is written atomically; a rerun replaces --out's contents phase by phase.
 
 Measured (2026-12-05 13:31-14:25 UTC, 2 shared CPU cores, load 4-9 from other agents' work): 3207 s wall in all
@@ -88,6 +97,7 @@ class Settings:
     lora_val_clips_per_caption: int
     lora_rank: int
     lora_alpha: float
+    lora_targets: str  # train --lora-targets (comma-separated module patterns; "": the trainer's default)
     lora_steps: int
     lora_lr: float
     lora_eval_every: int  # validation loss every N steps (and at step 0 and the last)
@@ -96,15 +106,15 @@ class Settings:
     def full() -> Settings:
         return Settings(clips_per_caption=12, vae_steps=600, vae_batch=4, vae_frames=9, vae_lr=5e-4, kl_weight=1e-6, dit_steps=16000,
                         dit_lr=1e-3, caption_dropout=0.1, sample_steps=16, guidance=4.0, videos_per_prompt=8, prompts=0,
-                        seen_prompts=6, lora_clips_per_caption=8, lora_replay_per_caption=2, lora_val_clips_per_caption=2,
-                        lora_rank=8, lora_alpha=8.0, lora_steps=3000, lora_lr=1e-3, lora_eval_every=250)
+                        seen_prompts=6, lora_clips_per_caption=8, lora_replay_per_caption=8, lora_val_clips_per_caption=2,
+                        lora_rank=8, lora_alpha=8.0, lora_targets="", lora_steps=3000, lora_lr=1e-3, lora_eval_every=250)
 
     @staticmethod
     def quick() -> Settings:
         return Settings(clips_per_caption=1, vae_steps=2, vae_batch=2, vae_frames=1, vae_lr=2e-3, kl_weight=1e-6, dit_steps=2,
                         dit_lr=1e-3, caption_dropout=0.1, sample_steps=2, guidance=2.0, videos_per_prompt=1, prompts=2,
-                        seen_prompts=1, lora_clips_per_caption=1, lora_replay_per_caption=0, lora_val_clips_per_caption=1,
-                        lora_rank=2, lora_alpha=2.0, lora_steps=2, lora_lr=1e-3, lora_eval_every=1)
+                        seen_prompts=1, lora_clips_per_caption=1, lora_replay_per_caption=1, lora_val_clips_per_caption=1,
+                        lora_rank=2, lora_alpha=2.0, lora_targets="", lora_steps=2, lora_lr=1e-3, lora_eval_every=1)
 
 
 def _summary(phase: str, text: str, t0: float) -> None:
@@ -417,7 +427,8 @@ def train_lora(out: Path, base: Path, data: Path, val: Path, s: Settings, seed: 
           "--log-every", str(max(1, min(50, s.lora_steps // 4))), "--seed", str(seed),
           "--set", f"optim.lr={s.lora_lr}", "--set", f"optim.warmup_steps={min(20, s.lora_steps)}",
           "--set", f"data.buckets=[({FRAMES},{HEIGHT},{WIDTH},8)]", "--set", f"flow.caption_dropout={s.caption_dropout}",
-          "--set", "eval.num_prompts=0"] + (["--fast-compile"] if fast_compile else []),
+          "--set", "eval.num_prompts=0"] + (["--lora-targets", s.lora_targets] if s.lora_targets else [])
+         + (["--fast-compile"] if fast_compile else []),
          "8/8 lora", root / "train.log")
     tqdm.write("[8/8 lora] python -m convert --to peft")
     _run([sys.executable, "-m", "convert", "--to", "peft", str(ckpt), str(lora_file), "--overwrite", "-q"],

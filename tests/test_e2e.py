@@ -101,7 +101,8 @@ def test_e2e_quick(tmp_path):
 
     lora = out / "lora"
     new = [json.loads(x)["caption"] for x in (lora / "clips" / "captions.jsonl").read_text().splitlines()]
-    assert new == [c.text for c in shapes.new_captions()] and all("diagonally" in c for c in new)
+    assert new == [c.text for c in shapes.new_captions() + shapes.captions("train")]  # new concept, then replay
+    assert all("diagonally" in c for c in new[:6]) and not any("diagonally" in c for c in new[6:])
     adapter = read_lora(lora / "lora.safetensors")
     assert {lay.rank for lay in adapter.layers.values()} == {2} and len(adapter.layers) == 21
     rep = json.loads((lora / "report.json").read_text())
