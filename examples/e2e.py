@@ -46,6 +46,21 @@ held-out 92% / 42% / 42% over 12 videos) drifted to blue / cyan on the last late
 windows the decoder's temporal upsamples only ever start latent frame 1 from a zero cache, so the time-conv tap that
 reads the previous chunk got no gradient and stayed at its random init (tests/test_e2e.py); a 9-frame decode is the
 first to use it. Held-out pairs are composed only partly; 12 videos per figure overstated the colour (92%).
+
+LoRA phase, measured (2026-12-05 17:46-17:51 UTC, same machine, load ~2.5; `--phases lora --base
+/tmp/e2e_full/ContentV-shapes-trained`): 326 s (encode 49 s, LoRA rank 8 alpha 8, 3000 steps on 48 new-concept +
+144 replay clips, 59 s; generate 208 s). val_loss on the 12 new-concept validation clips 1.929 (step 0 = the base)
+-> 0.965 (250) -> 0.886 (1000) -> 0.855 (3000). 8 videos per prompt, 48 per cell, colour / direction / both, every
+video read with "diagonally" among the answers:
+  base        new concept 33% /  2% /  0%;  held-out 69% / 54% / 33%;  seen 98% / 94% / 94%
+  base + LoRA new concept 90% / 90% / 79%;  held-out 62% / 50% / 21%;  seen 94% / 92% / 85%
+The new word's motion is learnt (direction 2% -> 90%; chance among 5 directions is 20%) and the old concepts mostly
+kept (seen -4 / -2 / -9 points), but held-out composition loses 12 points on both-right (33% -> 21%). The misses
+concentrate on "green ... moving right" turning red or diagonal (the random tiny text encoders give every caption
+embeddings with cosine 0.999 to each other, so what the adapter learns for "diagonally" leaks to its neighbours);
+measured alternatives on the same data did not keep more: 2 / 4 replay clips per caption, 600 / 1500 steps, rank 4,
+video-stream-only targets, caption dropout 0 (seen both 62-71% on a 24-video probe where this setting had 71%),
+--lora-scale 0.9 / 0.7 at generation (new both 50% / 8%).
 """
 from __future__ import annotations
 
