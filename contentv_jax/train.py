@@ -191,20 +191,22 @@ def batch_shardings(mesh, rules=shd.DEFAULT_RULES) -> dict:
 
 
 def place_batch(batch: dict, mesh, rules=shd.DEFAULT_RULES) -> dict:
-    """Process-local numpy rows -> global jax.Arrays sharded over the batch axes (multi-host safe)."""
+    """Process-local numpy rows (this process's `shd.batch_slot` of the global batch) -> global jax.Arrays sharded
+    over the batch axes (multi-host safe)."""
     missing = [n for n in BATCH_KEYS if n not in batch]
     if missing:
         raise ValueError(f"batch lacks {missing}; a batch holds {BATCH_KEYS}")
     div = shd.batch_divisor(mesh, rules)
+    slots = shd.batch_slot(mesh, rules)[1]
     out = {}
     for n, sharding in batch_shardings(mesh, rules).items():
         x = np.asarray(batch[n], np.float32)
         if x.ndim != BATCH_NDIMS[n]:
             raise ValueError(f"batch[{n!r}] has shape {x.shape}; expected {BATCH_NDIMS[n]} dims (see contentv_jax.data)")
-        global_b = x.shape[0] * jax.process_count()
+        global_b = x.shape[0] * slots
         if global_b % div:
             raise ValueError(f"global batch {global_b} ({n} {x.shape}) does not divide over the {div} batch shards of the mesh")
-        out[n] = jax.make_array_from_process_local_data(sharding, x)
+        out[n] = jax.make_array_from_process_local_data(sharding, x, (global_b, *x.shape[1:]))
     return out
 
 
@@ -257,7 +259,7 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     model = build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
     state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules, compiler_options)
-    source = source or make_source(config, preset, jax.process_index(), jax.process_count())
+    source = source or make_source(config, preset, *shd.batch_slot(mesh, rules))
     unreadable = source.corruption_counts().get("data_unreadable_records", 0)
     if unreadable:  # data.on_corrupt="skip" (with "error" the source raised, naming the shard)
         log(f"data: SKIPPING {unreadable} records of unreadable shards {source.unreadable_shards()} (data.on_corrupt=skip)")
