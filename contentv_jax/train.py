@@ -8,7 +8,8 @@
 Pieces (each usable alone): `build_model`, `create_train_state` (eval_shape -> shardings ->
 jit(init, out_shardings)), `make_train_step` (a pure function (state, batch) -> (state, metrics)),
 `StepCache` (one compiled step per bucket shape, with explicit in/out shardings and donation), `train`
-(the loop: checkpoints, resume, SIGTERM, non-finite skips, metrics, evaluation samples), `main` (the CLI).
+(the loop: checkpoints, resume, SIGTERM, non-finite skips, metrics, evaluation samples and the validation loss of
+contentv_jax.validation), `main` (the CLI).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contentv_common.cli import add_debug_flag, nonneg_int, output_dir, output_file, positive_int, run_cli
+from contentv_common.cli import add_debug_flag, nonneg_int, output_dir, output_file, positive_int, probability, run_cli
 from contentv_common.config import ModelPreset, get_preset
 from contentv_common.dataset import ON_CORRUPT
 from contentv_jax import configs as configs_lib
@@ -49,6 +50,7 @@ from contentv_jax.run import (  # noqa: F401  (NonFiniteError, abstract_with_sha
     resume_step,
 )
 from contentv_jax.sampler import EvalSampler
+from contentv_jax.validation import Validator, validation_set
 
 PROG = "python -m contentv_jax.train"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -130,6 +132,16 @@ def create_train_state(model, tx, preset: ModelPreset, mesh, seed: int, rules=sh
     return state, shardings
 
 
+def apply_fn_of(model) -> Callable:
+    """(params, x [B,T,h,w,C], t [B], context [B,L,J], pooled [B,P]) -> velocity: the model call the train step and
+    the validation loss share."""
+
+    def apply_fn(params, x, t, c, p):
+        return model.apply({"params": params}, x, t, c, p)
+
+    return apply_fn
+
+
 def make_train_step(model, tx, config, patch_size: int, null_text: tuple | None = None) -> Callable:
     """The pure train step: (state, batch) -> (state, metrics).
 
@@ -150,8 +162,7 @@ def make_train_step(model, tx, config, patch_size: int, null_text: tuple | None 
         raise ValueError(f"flow.caption_dropout={p_drop} needs the empty prompt's embeddings (null_text)")
     null_context, null_pooled = (np.asarray(x, np.float32) for x in null_text) if p_drop > 0 else (None, None)
 
-    def apply_fn(params, x, t, c, p):
-        return model.apply({"params": params}, x, t, c, p)
+    apply_fn = apply_fn_of(model)
 
     def loss_fn(params, micro, rng):
         return flow_matching_loss(apply_fn, params, micro, rng, config.flow, patch_size)[0]
@@ -211,9 +222,9 @@ def place_batch(batch: dict, mesh, rules=shd.DEFAULT_RULES) -> dict:
 
 
 def _evaluator(config, model, preset, source: BatchSource, out_dir: Path, log) -> EvalSampler | None:
-    """The evaluation sampler of `config.eval` (None when off or the source has no prompts). Every process samples
-    (the params are sharded over all of them); only process 0 writes."""
-    if config.eval.every <= 0:
+    """The evaluation sampler of `config.eval` (None when off, eval.num_prompts = 0 or the source has no prompts).
+    Every process samples (the params are sharded over all of them); only process 0 writes."""
+    if config.eval.every <= 0 or config.eval.num_prompts <= 0:
         return None
     prompts = source.eval_prompts(config.eval.num_prompts)
     if prompts is None:
@@ -245,7 +256,8 @@ def _log_line(step: int, m: dict) -> str:
 def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = None, resume: str = "auto",
           metrics_file: str | None = None, tb_dir: str | None = None, source: BatchSource | None = None,
           log: Callable[[str], None] = print, compiler_options: dict | None = None, mesh=None) -> dict:
-    """Run `config.steps` steps; returns {"state", "history" (metrics per logged step), "compiles", "stopped"}.
+    """Run `config.steps` steps; returns {"state", "history" (metrics per logged step), "val_history" (metrics per
+    validation), "compiles", "stopped"}.
 
     mesh: a ready `Mesh` (else built from mesh_spec or config.mesh over all devices); source: a batch
     source (else `make_source(config)`); compiler_options: XLA options for every compile.
@@ -256,6 +268,7 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     ckpt = Checkpointer(checkpoint_dir, config.keep_checkpoints, config.checkpoint_every) if checkpoint_dir else None
     start = resume_step(resume, ckpt)  # a bad --resume fails before any work
     mesh = mesh or shd.create_mesh(mesh_spec if mesh_spec is not None else config.mesh)
+    val_set = validation_set(config, preset, mesh, rules, jax.process_index(), jax.process_count())  # checked first
     model = build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
     state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules, compiler_options)
@@ -272,6 +285,8 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
                            restore_data=source.restore, writer=writer, log=log)
     evaluator = _evaluator(config, model, preset, source, Path(metrics_file).parent if metrics_file
                            else Path(checkpoint_dir or "."), log)
+    validator = None if val_set is None else Validator(val_set, apply_fn_of(model), state_shardings.params, mesh, rules,
+                                                       config, compiler_options)
     steps_cache = StepCache(make_train_step(model, tx, config, preset.transformer.patch_size, _null_text(config, source, log)),
                             state_shardings, mesh, rules, compiler_options)
     transformer, text_tokens = preset.transformer, preset.text.context_tokens
@@ -280,26 +295,37 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
         b, *latent_shape = args[0]["latents"].shape
         return b * transformer.video_tokens(latent_shape), train_step_flops(transformer, latent_shape, text_tokens, b)
 
+    def validate(step, state):  # the raw params, as the training loss (contentv_jax.validation says why)
+        metrics = validator(state.params, step)
+        writer.write(step, metrics)
+        log(validator.describe(step, metrics))
+
     def evaluate(step, state):
-        paths = evaluator(state.ema_params, step, write=jax.process_index() == 0)
-        if paths:
-            log(f"eval: wrote {len(paths)} samples to {paths[0].parent}")
+        if validator is not None:
+            validate(step, state)
+        if evaluator is not None:
+            paths = evaluator(state.ema_params, step, write=jax.process_index() == 0)
+            if paths:
+                log(f"eval: wrote {len(paths)} samples to {paths[0].parent}")
 
     loop = Loop(
         steps_cache, config.steps, next_args=lambda step: (place_batch(source.next(), mesh, rules),),
         data_state=source.state, log_line=_log_line, writer=writer, log=log, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, max_nonfinite=config.max_nonfinite, ckpt=ckpt, work=work,
         peak_flops=peak_flops(jax.devices()[0].device_kind, config.peak_tflops_per_device) * jax.device_count(),
-        extra_metrics=source.corruption_counts, evaluate=evaluate if evaluator is not None else None,
+        extra_metrics=source.corruption_counts, evaluate=evaluate if evaluator or validator else None,
         eval_due=lambda step: step % config.eval.every == 0 or step == config.steps,
         describe_args=lambda args: f"bucket {tuple(args[0]['latents'].shape)}")
     try:
+        if validator is not None and int(jax.device_get(state.step)) == 0:  # the starting point (base model for LoRA)
+            validate(0, state)
         state, history, stopped = loop.run(state)
     finally:
         if ckpt is not None:
             ckpt.close()
         writer.close()
-    return {"state": state, "history": history, "compiles": steps_cache.compiles, "stopped": stopped}
+    return {"state": state, "history": history, "val_history": validator.history if validator else [],
+            "compiles": steps_cache.compiles, "stopped": stopped}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,6 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-file", type=output_file, default=None, help="JSONL metrics, one record per logged step (step, loss, norms, "
                    "steps/s, tokens/s, mfu); TensorBoard logs go to <its dir>/tb")
     p.add_argument("--tb-dir", type=output_dir, default=None, help="TensorBoard log dir (default: next to --metrics-file)")
+    p.add_argument("--val-data", default=None, help="validation dataset folder (the --data format): its flow-matching "
+                   "loss at fixed sigmas and noise every --eval-every steps, written as val_loss and "
+                   "val_loss/sigma_<s> (same as --set data.val_data=DIR)")
+    p.add_argument("--val-fraction", type=probability, default=None, help="instead of --val-data: hold out this "
+                   "fraction of the --data records (by a hash of each record's source; they never train) for the "
+                   "validation loss (data.val_fraction)")
+    p.add_argument("--eval-every", type=nonneg_int, default=None, help="validation loss and evaluation samples "
+                   "every N steps, at step 0 (validation) and at the last step; 0 = none (eval.every)")
     p.add_argument("--init-from", default=None, help="initial params (ignored when resuming): an earlier stage's "
                    "--checkpoint-dir, or any transformer format `python -m convert` reads: a ContentV / SD3.5 model "
                    "folder or its transformer/ folder, our JAX-format folder, sd3.5_large.safetensors")
@@ -347,7 +381,8 @@ def config_from_args(args) -> Any:
     config = configs_lib.get_config(args.config)
     configs_lib.apply_overrides(config, args.set)
     return configs_lib.apply_flags(config, args, (
-        ("data", "data.name"), ("on_corrupt", "data.on_corrupt"), ("steps", "steps"), ("init_from", "init_from"),
+        ("data", "data.name"), ("val_data", "data.val_data"), ("val_fraction", "data.val_fraction"),
+        ("eval_every", "eval.every"), ("on_corrupt", "data.on_corrupt"), ("steps", "steps"), ("init_from", "init_from"),
         ("log_every", "log_every"), ("checkpoint_every", "checkpoint_every"), ("seed", "seed"), ("attention", "attention_impl")))
 
 
@@ -362,6 +397,9 @@ def main(argv=None) -> int:
     if h:
         print(f"done ({out['stopped']}): loss {h[0]['loss']:.4f} at step {h[0]['step']} -> {h[-1]['loss']:.4f} at step "
               f"{h[-1]['step']}; {out['compiles']} compiled step(s)")
+    v = out["val_history"]
+    if v:
+        print(f"val_loss {v[0]['val_loss']:.4f} at step {v[0]['step']} -> {v[-1]['val_loss']:.4f} at step {v[-1]['step']}")
     return 0
 
 
