@@ -304,7 +304,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collecti
             raise ValueError(f"--set {item!r}: no config field {key!r}")
         try:
             node[leaf] = _parse_value(text.strip(), node[leaf])
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # ConfigDict refuses a type change with a TypeError
             raise ValueError(f"--set {item!r}: {e}") from None
     return config
 

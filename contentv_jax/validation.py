@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contentv_common.cli import UsageError
 from contentv_common.config import ModelPreset
 from contentv_common.dataset import CorruptDataError, LatentDataset
 from contentv_jax import sharding as shd
@@ -61,15 +62,17 @@ class ValidationSet:
             self.ds.check_compatible(preset)
             by_bucket = self.ds.records_by_bucket(None if val_fraction is None else self.ds.split(val_fraction)[1])
             for f, h, w in by_bucket:
-                Bucket(f, h, w, 1).latent_shape(preset)  # the model's patch size must divide the latent frame
+                try:
+                    Bucket(f, h, w, 1).latent_shape(preset)  # the model's patch size must divide the latent frame
+                except ValueError as e:
+                    raise ValueError(f"dataset {self.ds.path}: {e}") from None
         except (FileNotFoundError, ValueError) as e:  # the messages name the dataset, shard or record
-            raise type(e)(f"{what} {path}: {e}") from None
+            raise type(e)(f"{what}: {e}") from None
         kept = sorted(i for bucket_ids in by_bucket.values() for i in bucket_ids)
         if max_records:
             kept = kept[:max_records]
         if not kept:
-            raise ValueError(f"{what} {path}: no validation records")
-        self.ids = kept  # the records val_loss averages over, in manifest order
+            raise ValueError(f"{what}: dataset {path} has no validation records")
         if batch < 1 or batch % process_count:
             raise ValueError(f"eval.val_batch={batch}: must be a positive multiple of the {process_count} processes")
         self.batch, self.process_index, self.process_count = batch, process_index, process_count
@@ -78,6 +81,7 @@ class ValidationSet:
             for j in range(0, len(bucket_ids), batch):
                 chunk = bucket_ids[j:j + batch]
                 self._batches.append((bucket, np.asarray(chunk + chunk[-1:] * (batch - len(chunk)), np.int64), len(chunk)))
+        self.ids = [int(i) for _, padded, real in self._batches for i in padded[:real]]  # the records, evaluation order
 
     def batches(self) -> list[tuple[tuple[int, int, int], np.ndarray, int]]:
         """[(bucket (F, H, W), global record ids [B] (padded), real rows)]."""
@@ -102,14 +106,15 @@ class ValidationSet:
 def validation_set(config, preset: ModelPreset, mesh, rules=shd.DEFAULT_RULES, process_index: int = 0,
                    process_count: int = 1) -> ValidationSet | None:
     """The `ValidationSet` of a train config (`data.val_data` or `data.val_fraction`), or None when neither is set.
-    Built before the model, so a bad validation set stops the run before any work."""
+    Built before the model, so a bad validation set stops the run before any work: a bad combination of fields is a
+    UsageError, a bad dataset a FileNotFoundError / ValueError naming it."""
     val_data, fraction = config.data.get("val_data", ""), float(config.data.get("val_fraction", 0.0))
     if not val_data and fraction <= 0:
         return None
     if val_data and fraction > 0:
-        raise ValueError(f"--val-data {val_data} and data.val_fraction={fraction}: give one validation set, not both")
+        raise UsageError(f"--val-data {val_data} and data.val_fraction={fraction}: give one validation set, not both")
     if config.eval.every <= 0:
-        raise ValueError(f"{'--val-data' if val_data else 'data.val_fraction'}: the validation loss runs every "
+        raise UsageError(f"{'--val-data' if val_data else 'data.val_fraction'}: the validation loss runs every "
                          f"eval.every steps, which is {config.eval.every}; set --eval-every N")
     divisor = shd.batch_divisor(mesh, rules)
     batch = int(config.eval.val_batch) or divisor
@@ -120,10 +125,11 @@ def validation_set(config, preset: ModelPreset, mesh, rules=shd.DEFAULT_RULES, p
     if val_data:
         return ValidationSet(val_data, preset, batch, **common)
     if config.data.name == "synthetic":
-        raise ValueError(f"data.val_fraction={fraction}: the synthetic set has no records to hold out; give a dataset "
+        raise UsageError(f"data.val_fraction={fraction}: the synthetic set has no records to hold out; give a dataset "
                          f"folder (--data DIR) or a validation set (--val-data DIR)")
-    return ValidationSet(config.data.name, preset, batch, val_fraction=fraction, on_corrupt=config.data.get("on_corrupt", "error"),
-                         what=f"data.val_fraction={fraction} of --data", **common)
+    return ValidationSet(config.data.name, preset, batch, val_fraction=fraction,
+                         on_corrupt=config.data.get("on_corrupt", "error"), what=f"data.val_fraction={fraction}",
+                         **common)
 
 
 def make_val_step(apply_fn: Callable, sigmas: Sequence[float], loss_weighting: str, val_seed: int) -> Callable:
@@ -183,7 +189,7 @@ class Validator:
         return self.compiled[key]
 
     def per_record(self, params) -> np.ndarray:
-        """[N, S] float64: each validation record's weighted loss at each sigma, records in `val_set.ids` order."""
+        """[N, S] float64: each validation record's weighted loss at each sigma, rows in `val_set.ids` order."""
         from tqdm.auto import tqdm
 
         out = []
