@@ -183,8 +183,8 @@ def test_resumed_run_writes_the_same_val_loss_and_val_loss_falls(learnable, tmp_
 
 
 def test_val_data_cli_writes_jsonl_tensorboard_and_the_log_line(learnable, tmp_path, capsys):
-    """`--val-data DIR` (a dataset of other buckets than training's) beside the synthetic training set."""
-    val = write_dataset(tmp_path / "val", _samples(5, (VIDEO, IMAGE), seed=7), TINY.vae, shard_rows=4)
+    """`--val-data DIR` (its own dataset folder) beside the synthetic training set."""
+    val = write_dataset(tmp_path / "val", _samples(5, seed=7), TINY.vae, shard_rows=4)
     metrics = tmp_path / "run" / "m.jsonl"
     rc = T.main(["--val-data", str(val), "--eval-every", "2", "--steps", "3", "--log-every", "1", "--fast-compile",
                  "--mesh", "data=2,fsdp=-1", "--set", "eval.num_prompts=0", "--set", "eval.val_sigmas=(0.25, 0.5)",
