@@ -80,7 +80,8 @@ class ValidationSet:
         for bucket, bucket_ids in sorted(self.ds.records_by_bucket(kept).items()):
             for j in range(0, len(bucket_ids), batch):
                 chunk = bucket_ids[j:j + batch]
-                self._batches.append((bucket, np.asarray(chunk + chunk[-1:] * (batch - len(chunk)), np.int64), len(chunk)))
+                padded = np.asarray(chunk + chunk[-1:] * (batch - len(chunk)), np.int64)
+                self._batches.append((bucket, padded, len(chunk)))
         self.ids = [int(i) for _, padded, real in self._batches for i in padded[:real]]  # the records, evaluation order
 
     def batches(self) -> list[tuple[tuple[int, int, int], np.ndarray, int]]:
@@ -119,7 +120,7 @@ def validation_set(config, preset: ModelPreset, mesh, rules=shd.DEFAULT_RULES, p
     divisor = shd.batch_divisor(mesh, rules)
     batch = int(config.eval.val_batch) or divisor
     if batch % divisor:
-        raise ValueError(f"eval.val_batch={batch} does not divide over the {divisor} batch shards of the mesh")
+        raise UsageError(f"eval.val_batch={batch} does not divide over the {divisor} batch shards of the mesh")
     common = dict(max_records=int(config.eval.val_max_records), process_index=process_index,
                   process_count=process_count)
     if val_data:
@@ -182,8 +183,8 @@ class Validator:
         key = StepCache.key(batch)
         if key not in self.compiled:
             replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-            jitted = jax.jit(self.step_fn, in_shardings=(self.param_shardings, jax.tree.map(lambda x: x.sharding, batch)),
-                             out_shardings=replicated)
+            in_shardings = (self.param_shardings, jax.tree.map(lambda x: x.sharding, batch))
+            jitted = jax.jit(self.step_fn, in_shardings=in_shardings, out_shardings=replicated)
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
                 self.compiled[key] = jitted.lower(params, batch).compile(self.compiler_options)
         return self.compiled[key]
@@ -204,7 +205,8 @@ class Validator:
 
     def __call__(self, params, step: int) -> dict[str, float]:
         per_sigma = self.per_record(params).mean(axis=0)  # [S]
-        metrics = {"val_loss": float(per_sigma.mean()), **{sigma_name(s): float(v) for s, v in zip(self.sigmas, per_sigma)}}
+        metrics = {"val_loss": float(per_sigma.mean()),
+                   **{sigma_name(s): float(v) for s, v in zip(self.sigmas, per_sigma)}}
         self.history.append({"step": int(step), **metrics})
         return metrics
 
