@@ -268,7 +268,7 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     ckpt = Checkpointer(checkpoint_dir, config.keep_checkpoints, config.checkpoint_every) if checkpoint_dir else None
     start = resume_step(resume, ckpt)  # a bad --resume fails before any work
     mesh = mesh or shd.create_mesh(mesh_spec if mesh_spec is not None else config.mesh)
-    val_set = validation_set(config, preset, mesh, rules, jax.process_index(), jax.process_count())  # checked first
+    val_set = validation_set(config, preset, mesh, rules, *shd.batch_slot(mesh, rules))  # checked before any work
     model = build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
     state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules, compiler_options)

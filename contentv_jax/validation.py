@@ -49,7 +49,8 @@ class ValidationSet:
     val_fraction: None = every readable record; else only those `held_out` by this fraction (the training source
     leaves them out). Of those, the first `max_records` (0: all) in manifest order are kept.
     Batches: per bucket (sorted), `batch` records each; the last batch of a bucket is padded with its last record
-    (`batches()` says how many rows are real). Process p of n reads rows [p B/n, (p+1) B/n) of each batch only.
+    (`batches()` says how many rows are real). process_index / process_count: this process's batch slot
+    (`sharding.batch_slot`, as the training source gets): slot p of n reads rows [p B/n, (p+1) B/n) of each batch.
     `what` names the set in errors (the flag or config field it came from).
     """
 
@@ -74,7 +75,7 @@ class ValidationSet:
         if not kept:
             raise ValueError(f"{what}: dataset {path} has no validation records")
         if batch < 1 or batch % process_count:
-            raise ValueError(f"eval.val_batch={batch}: must be a positive multiple of the {process_count} processes")
+            raise ValueError(f"eval.val_batch={batch}: must be a positive multiple of the {process_count} batch slots")
         self.batch, self.process_index, self.process_count = batch, process_index, process_count
         self._batches = []
         for bucket, bucket_ids in sorted(self.ds.records_by_bucket(kept).items()):
@@ -106,7 +107,8 @@ class ValidationSet:
 
 def validation_set(config, preset: ModelPreset, mesh, rules=shd.DEFAULT_RULES, process_index: int = 0,
                    process_count: int = 1) -> ValidationSet | None:
-    """The `ValidationSet` of a train config (`data.val_data` or `data.val_fraction`), or None when neither is set.
+    """The `ValidationSet` of a train config (`data.val_data` or `data.val_fraction`), or None when neither is set;
+    process_index / process_count: this process's `sharding.batch_slot`.
     Built before the model, so a bad validation set stops the run before any work: a bad combination of fields is a
     UsageError, a bad dataset a FileNotFoundError / ValueError naming it."""
     val_data, fraction = config.data.get("val_data", ""), float(config.data.get("val_fraction", 0.0))
@@ -176,7 +178,10 @@ class Validator:
         self.history: list[dict] = []
 
     def _place(self, rows: dict) -> dict:
-        return {k: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, VAL_ARRAYS[k], self.rules), v)
+        """This process's rows (`ValidationSet.read`) -> global arrays [B, ...] sharded over the batch axes."""
+        b = self.val_set.batch
+        return {k: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, VAL_ARRAYS[k], self.rules), v,
+                                                          (b, *v.shape[1:]))
                 for k, v in rows.items()}
 
     def _compiled(self, params, batch):
