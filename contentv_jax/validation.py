@@ -1,11 +1,11 @@
 """Validation loss: the flow-matching loss on held-out records at fixed noise levels and fixed noise.
 
-A number two runs can be compared by (SD3 paper, section 5.1): every `eval.every` steps (and at step 0 and the
-last step) the trainer evaluates, for each validation record r and each noise level s_k of `eval.val_sigmas`,
+A number two runs can be compared by (the SD3 paper tracks one like it): every `eval.every` steps (and at step 0
+and the last step) the trainer evaluates, for each validation record r and each noise level s_k of `eval.val_sigmas`,
     mse(r, k) = mean((v_theta(x_{s_k}, 1000 s_k, text_r) - (eps_{r,k} - x0_r))^2),  x_s = (1 - s) x0 + s eps,
-weighted as training weights it (`flow.loss_weighting`), with eps_{r,k} drawn from
-fold_in(fold_in(PRNGKey(eval.val_seed), r), k): the noise depends on nothing but (val_seed, record id, sigma
-index), never on the batch a record lands in, the mesh, the process count, --seed or a resume. The sigmas are
+weighted as training weights it (`flow.loss_weighting`), with eps_{r,k} drawn from a key folded from
+PRNGKey(eval.val_seed), the record id r (its index in the dataset manifest) and k: the noise depends on nothing
+else, never on the batch a record lands in, the mesh, the process count, --seed or a resume. The sigmas are
 used as given (no schedule shift), so `val_loss/sigma_0.5000` means the same noise level in every run.
 Metrics: `val_loss/sigma_<s>` = the mean over records at s_k; `val_loss` = the mean of those over the sigmas.
 
