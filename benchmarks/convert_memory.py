@@ -25,8 +25,9 @@ import numpy as np
 
 from contentv_common.config import get_preset
 from contentv_common.weights import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, atomic_dir, iter_tensors
-from convert import sd3_original
-from convert.formats import Planned, expected_torch_shapes, write_safetensors
+from contentv_common.formats import sd3_original
+from contentv_common.formats.sources import Planned, expected_torch_shapes
+from convert.formats import write_safetensors
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 _BLOCK = np.random.default_rng(0).standard_normal(1 << 20).astype(BF16)

@@ -40,6 +40,7 @@ import numpy as np
 from contentv_common.cli import add_debug_flag, output_dir, output_file, positive_int, run_cli
 from contentv_common.config import ModelPreset, get_preset
 from contentv_common.dataset import read_prompt_embeddings
+from contentv_common.formats.vae_keys import vae_params_from_folder
 from contentv_common.latents import denormalize_latents
 from contentv_common.schedule import flow_match_sigmas
 from contentv_jax import configs as configs_lib
@@ -238,8 +239,6 @@ def load_vae(r, preset: ModelPreset, seed: int):
     from contentv_jax.vae import WanVAE, param_shapes
 
     if r.vae:
-        from convert.vae_keys import vae_params_from_folder
-
         cfg, params = vae_params_from_folder(r.vae)
         if cfg != preset.vae:
             raise ValueError(f"rlhf.vae {r.vae}: config {cfg} differs from the preset's {preset.vae}")

@@ -2,7 +2,7 @@
 
 Torch layers 0 .. L-2 are rows of the scanned `transformer_blocks` arrays; layer L-1 (context_pre_only:
 AdaLayerNormContinuous `norm1_context`, no `to_add_out`, `ff_context`, `norm2_context`) is `last_block`.
-Exact templates only; every key matches exactly one rule (see convert/keymap.py).
+Exact templates only; every key matches exactly one rule (see keymap.py).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from contentv_common.config import IGNORED_TRANSFORMER_KEYS, TransformerConfig, read_json
 from contentv_common.weights import CONFIG_NAME
-from convert.keymap import Rule, read_flax_params
+from contentv_common.formats.keymap import Rule, read_flax_params
 
 _LINEAR = ("weight", "kernel", "linear")
 _BIAS = ("bias", "bias", "copy")
@@ -57,6 +57,32 @@ def transformer_rules(cfg: TransformerConfig) -> list[Rule]:
         rules += _block_rules("transformer_blocks.{i}", "transformer_blocks", False, stack=(0, n - 1))
     rules += _block_rules(f"transformer_blocks.{n - 1}", "last_block", True)
     return rules
+
+
+def transformer_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    """diffusers key -> shape of every tensor of the model of `cfg` (from the config alone; no pos_embed.pos_embed)."""
+    d, p, head, n = cfg.inner_dim, cfg.patch_size, cfg.attention_head_dim, cfg.num_layers
+
+    def dense(name: str, out: int, inp: int) -> dict[str, tuple[int, ...]]:
+        return {f"{name}.weight": (out, inp), f"{name}.bias": (out,)}
+
+    out = {"pos_embed.proj.weight": (d, cfg.in_channels, p, p), "pos_embed.proj.bias": (d,),
+           **dense("context_embedder", d, cfg.joint_attention_dim), **dense("norm_out.linear", 2 * d, d),
+           **dense("proj_out", p * p * cfg.out_channels, d),
+           **dense("time_text_embed.timestep_embedder.linear_1", d, 256),  # 256 sinusoidal timestep channels
+           **dense("time_text_embed.timestep_embedder.linear_2", d, d),
+           **dense("time_text_embed.text_embedder.linear_1", d, cfg.pooled_projection_dim),
+           **dense("time_text_embed.text_embedder.linear_2", d, d)}
+    for i in range(n):
+        b, last = f"transformer_blocks.{i}", i == n - 1  # the last block is context_pre_only
+        out |= dense(f"{b}.norm1.linear", 6 * d, d) | dense(f"{b}.norm1_context.linear", (2 if last else 6) * d, d)
+        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0",
+                     *(() if last else ("to_add_out",))):
+            out |= dense(f"{b}.attn.{name}", d, d)
+        out |= {f"{b}.attn.{name}.weight": (head,) for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")}
+        for ff in ("ff",) if last else ("ff", "ff_context"):
+            out |= dense(f"{b}.{ff}.net.0.proj", 4 * d, d) | dense(f"{b}.{ff}.net.2", d, 4 * d)
+    return out
 
 
 def transformer_params_from_folder(folder: str | Path) -> tuple[TransformerConfig, dict]:

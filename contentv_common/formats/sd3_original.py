@@ -16,6 +16,7 @@ inverse, used to write original-format files (tests check it against diffusers' 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -146,10 +147,9 @@ def diffusers_to_original(state: Mapping[str, np.ndarray], cfg: TransformerConfi
     (`concat` defaults to numpy's / torch's cat along dim 0)."""
     if concat is None:
         first = next(iter(state.values()))
-        if hasattr(first, "element_size"):
-            import torch
-
-            concat = lambda xs: torch.cat(list(xs), 0)  # noqa: E731
+        if hasattr(first, "element_size"):  # a torch tensor: torch is imported already, this floor never imports it
+            cat = sys.modules["torch"].cat
+            concat = lambda xs: cat(list(xs), 0)  # noqa: E731
         else:
             concat = lambda xs: np.concatenate(list(xs), 0)  # noqa: E731
     table = key_table(cfg, pos_embed="pos_embed.pos_embed" in state)
