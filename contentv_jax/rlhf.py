@@ -178,10 +178,10 @@ class RLHFObjective:
         return self.decode_and_score(frozen, self._sample(params, noise, batch, jnp.asarray(self.sigmas, jnp.float32)), batch["tokens"])
 
 
-def make_objective(config, model, vae, reward: RewardModel, prompts: PromptSet) -> RLHFObjective:
-    """The RLHFObjective of `config.rlhf` for `model` (the trainer's), the VAE module and the reward model;
-    the unconditional embeddings come from `prompts`."""
-    r, preset = config.rlhf, get_preset(config.model)
+def make_objective(config, preset: ModelPreset, model, vae, reward: RewardModel, prompts: PromptSet) -> RLHFObjective:
+    """The RLHFObjective of `config.rlhf` for `model` (the trainer's, of `preset`), the VAE module and the reward
+    model; the unconditional embeddings come from `prompts`."""
+    r = config.rlhf
     n = int(r.rollout_steps)
     lo, hi = (int(v) for v in r.grad_window)
     if not 0 <= lo <= hi < n:
@@ -331,7 +331,7 @@ def rlhf(config, *, mesh_spec: str | None = None, mesh: jax.sharding.Mesh | None
     train_prompts, heldout = prompts.split(r.num_heldout)
     vae, vae_params = load_vae(r, preset, config.seed)
     frozen = place({"vae": vae_params, "reward": reward_params}, mesh, rules, batch_axis=False)
-    obj = make_objective(config, model, vae, reward_model, prompts)
+    obj = make_objective(config, preset, model, vae, reward_model, prompts)
     writer = MetricsWriter(metrics_file, Path(metrics_file).parent / "tb" if metrics_file else None, enabled=pi == 0)
     log(f"rlhf {config.model}: {len(train_prompts.prompts)} train / {len(heldout.prompts)} held-out prompts, "
         f"batch {r.batch} x {obj.latent_shape}, k in {list(obj.grad_window)} of {len(obj.sigmas) - 1}, lam {r.lam}, "
