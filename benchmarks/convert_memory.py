@@ -106,15 +106,15 @@ def generate_checkpoint(folder: Path, preset: str, layers: int) -> tuple[int, in
     return len(shapes), sum(v.nbytes for v in flatten(params).values())
 
 
-def check_sample(folder: Path, shapes: dict, want, extra: list[str] = ()) -> int:
+def check_sample(what: str, folder: Path, shapes: dict, want, extra: list[str] = ()) -> None:
     """Compare a sample of the tensors of `folder` (every 40th key of `shapes`, plus `extra`) bit for bit with
-    want(key); the number compared."""
+    want(key)."""
     sample = sorted(shapes)[:: max(1, len(shapes) // 40)] + list(extra)
     for k, t in iter_tensors(folder, framework="numpy", keys=sample):
         w = want(k)
         if t.dtype != w.dtype or not np.array_equal(t.view(np.uint8), w.view(np.uint8)):
             raise SystemExit(f"{folder}: {k} is not what was generated")
-    return len(sample)
+    print(f"{what} bit-exact on {len(sample)} sampled tensors", flush=True)
 
 
 def remove(*paths: Path) -> None:
@@ -131,6 +131,13 @@ def run_child(argv: list[str], cwd: str | None = None) -> tuple[float, float]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(argv)} failed with {os.waitstatus_to_exitcode(status)}")
     return usage.ru_maxrss / 2**20, wall  # ru_maxrss is in KiB on Linux
+
+
+def run_convert(what: str, to: str, src: Path, dst: Path, cwd: str | None = None) -> tuple[float, float]:
+    """`python -m convert --to TO SRC DST` as a child (from the checkout `cwd`): its (peak RSS GiB, wall s), printed."""
+    rss, wall = run_child(["-m", "convert", "--to", to, str(src), str(dst)], cwd=cwd)
+    print(f"{what}: peak RSS {rss:.2f} GiB, {wall:.0f}s", flush=True)
+    return rss, wall
 
 
 def main() -> None:
@@ -156,20 +163,17 @@ def main() -> None:
             n, nbytes = generate(src, args.preset)
         gen_s = time.perf_counter() - t0
         print(f"generated {n} tensors, {nbytes / 1e9:.2f} GB in {gen_s:.0f}s", flush=True)
-        rss_jax, s_jax = run_child(["-m", "convert", "--to", "jax", str(src), str(jax_dst)])
-        print(f"{args.source} -> jax: peak RSS {rss_jax:.2f} GiB, {s_jax:.0f}s", flush=True)
+        rss_jax, s_jax = run_convert(f"{args.source} -> jax", "jax", src, jax_dst)
         if not args.keep:
             shutil.rmtree(src) if src.is_dir() else src.unlink()
-        rss_back, s_back = run_child(["-m", "convert", "--to", "torch", str(jax_dst), str(back)])
-        print(f"jax -> torch: peak RSS {rss_back:.2f} GiB, {s_back:.0f}s", flush=True)
+        rss_back, s_back = run_convert("jax -> torch", "torch", jax_dst, back)
         cfg = get_preset(args.preset).transformer
         shapes = expected_torch_shapes("transformer", cfg)
         table = orig = None
         if args.source == "sd3-original":
             table, orig = sd3_original.key_table(cfg, pos_embed=False), original_shapes(args.preset)
-        checked = check_sample(back, shapes, lambda k: expected_diffusers(k, shapes, table, orig),
-                               ["norm_out.linear.weight", "transformer_blocks.0.attn.to_v.bias"])
-        print(f"round trip bit-exact on {checked} sampled tensors", flush=True)
+        check_sample("round trip", back, shapes, lambda k: expected_diffusers(k, shapes, table, orig),
+                     ["norm_out.linear.weight", "transformer_blocks.0.attn.to_v.bias"])
         print(f"| convert {args.preset} ({n} tensors, {nbytes / 1e9:.1f} GB bf16, {args.source} -> jax -> torch) | "
               f"peak RSS {rss_jax:.2f} / {rss_back:.2f} GiB | {s_jax:.0f} s / {s_back:.0f} s | "
               f"{nbytes / 1e9 / s_jax:.2f} / {nbytes / 1e9 / s_back:.2f} GB/s | CPU, 2 cores |")
@@ -187,12 +191,10 @@ def checkpoint_main(args, root: Path) -> None:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             n, nbytes = pool.submit(generate_checkpoint, ckpt, args.preset, args.layers).result()
         print(f"checkpoint of {n} tensors, {nbytes / 1e9:.2f} GB float32 in {time.perf_counter() - t0:.0f}s", flush=True)
-        rss, wall = run_child(["-m", "convert", "--to", "torch", str(ckpt), str(back)], cwd=args.code)
-        print(f"checkpoint -> torch: peak RSS {rss:.2f} GiB, {wall:.0f}s", flush=True)
+        rss, wall = run_convert("checkpoint -> torch", "torch", ckpt, back, cwd=args.code)
         cfg = dataclasses.replace(get_preset(args.preset).transformer, num_layers=args.layers)
         shapes = expected_torch_shapes("transformer", cfg)
-        checked = check_sample(back, shapes, lambda k: pattern(k, shapes[k]).astype(np.float32))
-        print(f"checkpoint -> torch bit-exact on {checked} sampled tensors", flush=True)
+        check_sample("checkpoint -> torch", back, shapes, lambda k: pattern(k, shapes[k]).astype(np.float32))
         print(f"| convert a {args.preset}-width training checkpoint ({args.layers} blocks, {n} tensors, "
               f"{nbytes / 1e9:.1f} GB fp32) -> torch, code {args.code or 'this checkout'} | peak RSS {rss:.2f} GiB | "
               f"{wall:.0f} s | CPU, 2 cores |")
