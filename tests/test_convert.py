@@ -470,3 +470,21 @@ def test_save_flax_params_round_trips_an_in_memory_tree(tmp_path):
         np.testing.assert_array_equal(v, want[k])
     with pytest.raises(FileExistsError):
         save_flax_params(cfg, params, out)
+
+
+def test_folder_readers_check_every_key_and_shape_against_the_config_first(tmp_path):
+    """The shapes a config implies (expected_torch_shapes) are what every folder reader checks before reading."""
+    from contentv_common.formats.sources import expected_torch_shapes
+    from contentv_common.formats.transformer_keys import transformer_params_from_folder
+    from contentv_common.weights import KeyMismatchError
+
+    shapes = expected_torch_shapes("transformer", TINY)
+    tensors = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    tensors["proj_out.weight"] = np.zeros((3, 3), np.float32)
+    del tensors["context_embedder.bias"]
+    tensors["pos_embed.pos_embed"] = np.zeros((1, 4, TINY.inner_dim), np.float32)  # SD3.5's table: skipped, not an error
+    folder = save_sharded(tmp_path / "bad", tensors, TINY.to_diffusers_config())
+    with pytest.raises(KeyMismatchError) as e:
+        transformer_params_from_folder(folder)
+    msg = str(e.value)
+    assert "context_embedder.bias" in msg and "proj_out.weight" in msg and "(3, 3)" in msg and "pos_embed.pos_embed" not in msg

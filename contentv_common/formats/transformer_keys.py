@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from contentv_common.config import IGNORED_TRANSFORMER_KEYS, TransformerConfig, read_json
-from contentv_common.weights import CONFIG_NAME
+from contentv_common.weights import CONFIG_NAME, check_keys, tensor_shapes
 from contentv_common.formats.keymap import Rule, read_flax_params
 
 _LINEAR = ("weight", "kernel", "linear")
@@ -87,9 +87,12 @@ def transformer_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
 
 def transformer_params_from_folder(folder: str | Path) -> tuple[TransformerConfig, dict]:
     """A diffusers-layout transformer folder (config.json + safetensors, single or sharded) ->
-    (config, nested Flax params of numpy arrays in the checkpoint's dtype). Streams tensor by tensor;
-    unexpected keys and missing layers raise KeyMismatchError naming them. An SD3.5 folder
-    (`SD3Transformer2DModel`) reads too: its IGNORED_TRANSFORMER_KEYS are skipped."""
+    (config, nested Flax params of numpy arrays in the checkpoint's dtype). Keys and shapes are checked against
+    the config before any tensor is read (one KeyMismatchError naming every missing, unexpected and mis-shaped
+    key); then it streams tensor by tensor. An SD3.5 folder (`SD3Transformer2DModel`) reads too: its
+    IGNORED_TRANSFORMER_KEYS are skipped."""
     folder = Path(folder)
     cfg = TransformerConfig.from_diffusers_config(read_json(folder / CONFIG_NAME))
+    found = {k: s for k, s in tensor_shapes(folder).items() if k not in IGNORED_TRANSFORMER_KEYS}
+    check_keys(found, transformer_shapes(cfg), str(folder))
     return cfg, read_flax_params(folder, transformer_rules(cfg), what=str(folder), ignore=IGNORED_TRANSFORMER_KEYS)
