@@ -134,7 +134,7 @@ def run_transformer(folder: Path, inputs_path: Path | None, dtype: str, seed: in
 
     from contentv_jax.transformer import ContentVTransformer
     from contentv_torch.transformer import ContentVTransformer3DModel
-    from convert.transformer_keys import transformer_params_from_folder
+    from contentv_common.formats.transformer_keys import transformer_params_from_folder
 
     cfg = ContentVTransformer3DModel.from_config_file(folder)
     inp = read_inputs(inputs_path, TRANSFORMER_INPUTS) if inputs_path else random_transformer_inputs(cfg, seed)
@@ -192,7 +192,7 @@ def run_vae(folder: Path, inputs_path: Path | None, dtype: str, seed: int) -> li
     from contentv_common.weights import iter_tensors
     from contentv_jax.vae import WanVAE as FlaxWanVAE
     from contentv_torch.vae import WanVAE
-    from convert.vae_keys import vae_params_from_folder
+    from contentv_common.formats.vae_keys import vae_params_from_folder
 
     cfg = WanVAE.from_config_file(folder)
     inp = random_vae_inputs(cfg, seed)

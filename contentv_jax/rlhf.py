@@ -40,6 +40,7 @@ import numpy as np
 from contentv_common.cli import add_debug_flag, output_dir, output_file, positive_int, run_cli
 from contentv_common.config import ModelPreset, get_preset
 from contentv_common.dataset import read_prompt_embeddings
+from contentv_common.formats.vae_keys import vae_params_from_folder
 from contentv_common.latents import denormalize_latents
 from contentv_common.schedule import flow_match_sigmas
 from contentv_jax import configs as configs_lib
@@ -177,10 +178,10 @@ class RLHFObjective:
         return self.decode_and_score(frozen, self._sample(params, noise, batch, jnp.asarray(self.sigmas, jnp.float32)), batch["tokens"])
 
 
-def make_objective(config, model, vae, reward: RewardModel, prompts: PromptSet) -> RLHFObjective:
-    """The RLHFObjective of `config.rlhf` for `model` (the trainer's), the VAE module and the reward model;
-    the unconditional embeddings come from `prompts`."""
-    r, preset = config.rlhf, get_preset(config.model)
+def make_objective(config, preset: ModelPreset, model, vae, reward: RewardModel, prompts: PromptSet) -> RLHFObjective:
+    """The RLHFObjective of `config.rlhf` for `model` (the trainer's, of `preset`), the VAE module and the reward
+    model; the unconditional embeddings come from `prompts`."""
+    r = config.rlhf
     n = int(r.rollout_steps)
     lo, hi = (int(v) for v in r.grad_window)
     if not 0 <= lo <= hi < n:
@@ -238,8 +239,6 @@ def load_vae(r, preset: ModelPreset, seed: int):
     from contentv_jax.vae import WanVAE, param_shapes
 
     if r.vae:
-        from convert.vae_keys import vae_params_from_folder
-
         cfg, params = vae_params_from_folder(r.vae)
         if cfg != preset.vae:
             raise ValueError(f"rlhf.vae {r.vae}: config {cfg} differs from the preset's {preset.vae}")
@@ -333,7 +332,7 @@ def rlhf(config, *, mesh_spec: str | None = None, mesh: jax.sharding.Mesh | None
     train_prompts, heldout = prompts.split(r.num_heldout)
     vae, vae_params = load_vae(r, preset, config.seed)
     frozen = place({"vae": vae_params, "reward": reward_params}, mesh, rules, batch_axis=False)
-    obj = make_objective(config, model, vae, reward_model, prompts)
+    obj = make_objective(config, preset, model, vae, reward_model, prompts)
     writer = MetricsWriter(metrics_file, Path(metrics_file).parent / "tb" if metrics_file else None,
                            enabled=jax.process_index() == 0)
     log(f"rlhf {config.model}: {len(train_prompts.prompts)} train / {len(heldout.prompts)} held-out prompts, "

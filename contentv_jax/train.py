@@ -28,6 +28,7 @@ import numpy as np
 from contentv_common.cli import add_debug_flag, nonneg_int, output_dir, output_file, positive_int, probability, run_cli
 from contentv_common.config import ModelPreset, get_preset
 from contentv_common.dataset import ON_CORRUPT
+from contentv_common.weights import DTYPES
 from contentv_jax import configs as configs_lib
 from contentv_jax import sharding as shd
 from contentv_jax.attention import ATTENTION_IMPLS
@@ -53,7 +54,7 @@ from contentv_jax.sampler import EvalSampler
 from contentv_jax.validation import Validator, validation_set
 
 PROG = "python -m contentv_jax.train"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = ("float32", "bfloat16")  # of contentv_common.weights.DTYPES; float16 would need loss scaling
 
 
 @flax.struct.dataclass
@@ -74,13 +75,13 @@ class TrainState:
     skipped: jax.Array
 
 
-def build_model(config, preset: ModelPreset | None = None):
-    """The linen ContentVTransformer of `config.model` (compute dtype, fp32 params, remat, attention impl)."""
+def build_model(config, preset: ModelPreset):
+    """The linen ContentVTransformer of `preset` (`config.model`'s) with the config's compute dtype (fp32 params),
+    remat and attention impl."""
     from contentv_jax.transformer import ContentVTransformer
 
-    preset = preset or get_preset(config.model)
-    if config.dtype not in DTYPES:
-        raise ValueError(f"config.dtype {config.dtype!r} unknown; choose one of {sorted(DTYPES)}")
+    if config.dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"config.dtype {config.dtype!r} unknown; choose one of {sorted(COMPUTE_DTYPES)}")
     return ContentVTransformer(
         preset.transformer, dtype=DTYPES[config.dtype], param_dtype=jnp.float32,
         remat_policy=config.remat_policy, attention_impl=config.attention_impl,

@@ -5,7 +5,8 @@ import argparse
 import logging
 
 from contentv_common.cli import add_debug_flag, nonneg_int, positive_float, run_cli
-from convert.formats import DTYPES, FORMATS
+from contentv_common.formats.sources import FORMATS
+from contentv_common.weights import DTYPES
 
 PROG = "python -m convert"
 
@@ -17,7 +18,7 @@ outputs:
   --to torch   diffusers layout: config.json + diffusion_pytorch_model*.safetensors [+ index]
                (loads in contentv_torch and in the released ContentV SD3Transformer3DModel.from_pretrained)
   --to jax     our Flax format: config.json + flax_params*.safetensors (the '/'-flattened Flax params tree,
-               scanned layers stacked; read with convert.formats.iter_params / load_params, leaf by leaf)
+               scanned layers stacked; read with contentv_common.formats.sources.iter_params / load_params)
   (the trainer's --init-from reads a --to torch folder or a training checkpoint dir)
   A whole ContentV folder in gives a whole folder out; --components DIR adds the other parts of a model
   folder (vae/, text encoders, tokenizers, scheduler/, model_index.json) to a converted transformer.

@@ -19,7 +19,8 @@ from typing import Any
 
 from contentv_common.config import read_json
 from contentv_common.weights import atomic_dir
-from convert.formats import FormatError, detect, open_source, write_flax, write_torch
+from contentv_common.formats.sources import FormatError, detect, open_source
+from convert.formats import OPENERS, write_flax, write_torch
 
 log = logging.getLogger("convert")
 
@@ -28,7 +29,7 @@ TARGETS = ("jax", "torch")
 
 def _write_component(src_path: Path, folder: Path, to: str, fmt: str | None, dtype: str | None, max_shard_bytes: int,
                      **kw) -> None:
-    with open_source(src_path, fmt, **kw) as src:
+    with open_source(src_path, fmt, openers=OPENERS, **kw) as src:
         log.info("%s: %s (%s) -> %s", src_path, src.component, src.format, to)
         (write_torch if to == "torch" else write_flax)(src, folder, dtype=dtype, max_shard_bytes=max_shard_bytes)
 

@@ -337,7 +337,7 @@ def vae_roundtrip_accuracy(vae_flax: Path, clips: Path, lines: list[dict]) -> fl
     from contentv_jax.sampler import to_uint8
     from contentv_jax.vae import WanVAE
     from contentv_common.video_io import read_mp4
-    from convert.formats import load_params
+    from contentv_common.formats.sources import load_params
 
     cfg, params = load_params(vae_flax)
     model = WanVAE(cfg)
