@@ -161,3 +161,22 @@ def test_targets_patterns_and_errors(base):
     c.init_from, c.lora.targets = ".", []
     with pytest.raises(UsageError, match="lora.targets"):
         configs.validate_config(c)
+
+
+def test_memory_benchmark_counts_base_adapter_and_optimizer_state():
+    from benchmarks.memory import measure
+    from contentv_jax.transformer import count_params
+
+    row = measure("tiny", (9, 32, 48), "fsdp=2", "full", attention="flash", lora_rank=4, lora_base_dtype="bfloat16")
+    n_base = count_params(_base_params())
+    kernels = [x for p, x in flax.traverse_util.flatten_dict(_base_params(), sep="/").items()
+               if p.endswith("/kernel") and L.LoraSpec(4, 4.0).matches(p.rsplit("/", 1)[0])]
+    n_adapter = sum(4 * (x.shape[-2] + x.shape[-1]) * (x.shape[0] if x.ndim == 3 else 1) for x in kernels)  # A + B
+    gib = 2.0**30
+    assert row["lora_rank"] == 4 and row["base_dtype"] == "bfloat16"
+    assert row["params_gib"] * gib == pytest.approx(n_base * 2 / 2, rel=0.05)  # bf16, halved by fsdp=2
+    assert row["adapter_gib"] * gib == pytest.approx(n_adapter * 4 / 2, rel=0.05)  # fp32 adapter, sharded
+    assert row["adamw_gib"] == pytest.approx(2 * row["adapter_gib"], rel=1e-3)  # 2 moments (+ the step count)
+    assert row["ema_gib"] == pytest.approx(row["adapter_gib"])
+    parts = row["params_gib"] + row["adapter_gib"] + row["adamw_gib"] + row["ema_gib"]
+    assert row["state_gib"] == pytest.approx(parts, rel=1e-3)  # + the step, rng and counters
