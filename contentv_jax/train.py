@@ -13,6 +13,7 @@ jit(init, out_shardings)), `make_train_step` (a pure function (state, batch) -> 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -263,10 +264,14 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     mesh = mesh or shd.create_mesh(mesh_spec if mesh_spec is not None else config.mesh)
     model = build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
+    base = None if model.lora is None else lora_lib.load_base(  # (checks the targets first)
+        config, model, preset, mesh, rules, checkpoint_dir=checkpoint_dir, base_params=base_params, log=log)
+    if base is not None and ckpt is not None:  # lora.json, written next to the first checkpoint
+        record = lora_lib.spec_record(model.lora, Path(config.init_from).absolute() if config.init_from else
+                                      "(base params given by the program)", config.lora.base_dtype, preset.transformer.num_layers)
+        ckpt.sidecars[lora_lib.SPEC_FILE] = json.dumps(record, indent=2) + "\n"
     state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules, compiler_options,
                                                 collection="params" if model.lora is None else "lora")
-    base = None if model.lora is None else lora_lib.load_base(
-        config, model, preset, mesh, rules, checkpoint_dir=checkpoint_dir, base_params=base_params, log=log)
     source = source or make_source(config, preset, jax.process_index(), jax.process_count())
     unreadable = source.corruption_counts().get("data_unreadable_records", 0)
     if unreadable:  # data.on_corrupt="skip" (with "error" the source raised, naming the shard)

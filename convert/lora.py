@@ -64,7 +64,7 @@ def write_peft(adapter, rank: int, alpha: float, num_layers: int, dst: str | Pat
                fold_alpha: bool = False) -> Path:
     """Write our adapter tree as a diffusers / PEFT LoRA safetensors file at `dst`, atomically. fold_alpha: B is
     scaled by alpha / r and alpha written as r (the same model for loaders that ignore the metadata)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     tensors = peft_state_dict(adapter, num_layers)
     if fold_alpha:
@@ -74,9 +74,9 @@ def write_peft(adapter, rank: int, alpha: float, num_layers: int, dst: str | Pat
         from convert.formats import DTYPES
 
         tensors = {k: v.astype(DTYPES[dtype]) for k, v in tensors.items()}
-    with atomic_file(dst) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-                  metadata=peft_metadata(tensors, rank, alpha))
+    with atomic_file(dst) as tmp:  # (bytes into the temp file: it keeps the permissions atomic_file gave it)
+        tmp.write_bytes(save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                             metadata=peft_metadata(tensors, rank, alpha)))
     return Path(dst)
 
 
@@ -161,6 +161,11 @@ def export_peft(ckpt: str | Path, dst: str | Path, ema: bool = False, step: int 
     return dst
 
 
+def merged_weight(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+    """W [out, in] + scale * B [out, r] A [r, in], computed in float32, returned in W's dtype."""
+    return (np.asarray(w, np.float32) + scale * (b.astype(np.float32) @ a.astype(np.float32))).astype(w.dtype)
+
+
 def merged_source(base_src, adapter_torch: dict[str, np.ndarray], scale: float):
     """A convert Source reading `base_src` with every adapted Linear weight W [out, in] replaced by
     W + scale * B A (computed in float32, stored in W's dtype), tensor by tensor."""
@@ -182,8 +187,7 @@ def merged_source(base_src, adapter_torch: dict[str, np.ndarray], scale: float):
         m = key.removesuffix(".weight")
         if not key.endswith(".weight") or m not in modules:
             return w
-        a, b = adapter_torch[f"{m}.lora_A.weight"], adapter_torch[f"{m}.lora_B.weight"]
-        return (np.asarray(w, np.float32) + scale * (b.astype(np.float32) @ a.astype(np.float32))).astype(w.dtype)
+        return merged_weight(w, adapter_torch[f"{m}.lora_A.weight"], adapter_torch[f"{m}.lora_B.weight"], scale)
 
     return dc_replace(base_src, read=read_merged)
 

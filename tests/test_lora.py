@@ -143,7 +143,7 @@ def test_bf16_base(base, ref_losses):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(out["state"].params))  # fp32 adapter on a bf16 base
 
 
-def test_targets_patterns_and_errors(base):
+def test_targets_patterns_and_errors(base, tmp_path):
     assert L.normalize_target("attn.to_out.0") == "attn/to_out"
     assert L.normalize_target("ff_context.net.0.proj") == "ff_context/proj_in"
     assert L.normalize_target("ff.net.2") == "ff/proj_out"
@@ -155,6 +155,9 @@ def test_targets_patterns_and_errors(base):
         L.check_targets(L.LoraSpec(2, 2.0, ("attn/to_q", "attn/to_qq")), base)
     with pytest.raises(ValueError, match="attn/nope"):
         _train(_config(steps=1, targets=["attn.to_q", "attn/nope"]), base)
+    with pytest.raises(ValueError, match=r"\['attn/nope'\] match no Dense layer"):  # nothing adapted at all
+        _train(_config(steps=1, targets=["attn/nope"]), base, checkpoint_dir=str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()  # a failed run leaves no checkpoint dir (lora.json comes with a checkpoint)
     c = _config()
     with pytest.raises(UsageError, match="--init-from"):
         configs.validate_config(c)
