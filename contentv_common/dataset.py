@@ -238,6 +238,15 @@ def _read_header(path: Path, dtype: np.dtype) -> dict[str, _Tensor]:
     return out
 
 
+def held_out(source: str, val_fraction: float) -> bool:
+    """Whether a record is in the validation split of `val_fraction` (the trainer's data.val_fraction): its
+    `source` hashed to [0, 1) falls below the fraction. A pure function of the source name, so the split is the same
+    for every seed, process count, mesh and resume, and for a re-encoded or extended dataset; every encoding of one
+    clip (e.g. at two buckets) lands on the same side."""
+    h = int.from_bytes(hashlib.sha256(source.encode()).digest()[:8], "big")
+    return h < val_fraction * 2.0**64
+
+
 ON_CORRUPT = ("error", "skip")  # the policy for a corrupt / unreadable shard or record (the trainer's data.on_corrupt)
 
 
@@ -297,12 +306,19 @@ class LatentDataset:
     def bucket_of(self, i: int) -> tuple[int, int, int]:
         return tuple(self.shards[self.records[i]["shard"]]["bucket"])
 
-    def records_by_bucket(self) -> dict[tuple[int, int, int], list[int]]:
-        """(F, H, W) -> readable record ids, in manifest order."""
+    def records_by_bucket(self, ids: Sequence[int] | None = None) -> dict[tuple[int, int, int], list[int]]:
+        """(F, H, W) -> record ids (default: every readable one), in manifest order."""
         out: dict[tuple[int, int, int], list[int]] = {}
-        for i in self.valid:
+        for i in self.valid if ids is None else ids:
             out.setdefault(self.bucket_of(i), []).append(i)
         return out
+
+    def split(self, val_fraction: float) -> tuple[list[int], list[int]]:
+        """(training ids, held-out validation ids) of the readable records, in manifest order (`held_out`)."""
+        train, val = [], []
+        for i in self.valid:
+            (val if held_out(self.records[i]["source"], val_fraction) else train).append(i)
+        return train, val
 
     def _name(self, i: int) -> str:
         r = self.records[i]
@@ -420,27 +436,30 @@ class ShardedLatentSource(BatchSource):
         unused (logged); None = every bucket of the dataset (then `tokens_per_step` gives the batches).
     tokens_per_step: if set, each bucket's batch comes from this token budget (`dynamic_batch_sizes`),
         rounded to a multiple of process_count.
+    val_fraction: records `held_out` for validation (the trainer's data.val_fraction) never enter a batch.
     image_ratio: None (or < 0, the config's default) = one stream over all buckets (every record once per epoch, images and videos in their
         natural proportion); r in [0, 1] = two streams, the image buckets (1 frame) and the video buckets, each
         with its own epochs, and each step draws an image batch with probability r.
     Epoch e of a stream: each bucket's records permuted by (seed, stream, e), cut into global batches (the
     remainder is dropped), the batches of all its buckets permuted. Step k's stream is drawn from (seed, k).
     Process p of n gets rows [p B/n, (p+1) B/n) of each global batch and reads only those records.
-    state() = {"kind", "dataset" (manifest hash), "seed", "buckets" (per stream, + weights), "step",
-               "streams": [[epoch, batch index] per stream]}; restore() refuses a state of another plan.
+    state() = {"kind", "dataset" (manifest hash), "seed", "buckets" (per stream, + weights), "val_fraction" (if > 0),
+               "step", "streams": [[epoch, batch index] per stream]}; restore() refuses a state of another plan.
     next() -> {"latents": [B_local, T, h, w, C], "context": [B_local, L, J], "pooled": [B_local, P]} float32;
     `prefetch` batches are read ahead on threads (the position still counts only returned batches).
     """
 
     def __init__(self, path: str | Path, preset, buckets: Sequence | None = None, *, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, image_ratio: float | None = None,
-                 tokens_per_step: int | None = None, on_corrupt: str = "error", prefetch: int = 2):
+                 tokens_per_step: int | None = None, on_corrupt: str = "error", prefetch: int = 2,
+                 val_fraction: float = 0.0):
         self.ds = LatentDataset(path, on_corrupt)
         self.ds.check_compatible(preset)
         self.seed, self.process_index, self.process_count = int(seed), int(process_index), int(process_count)
         if not 0 <= self.process_index < self.process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        by_bucket = self.ds.records_by_bucket()
+        self.val_fraction = float(val_fraction)
+        by_bucket = self.ds.records_by_bucket(self.ds.split(self.val_fraction)[0])
         if buckets is None:
             if not tokens_per_step:
                 raise ValueError("ShardedLatentSource: give buckets (with batch sizes) or tokens_per_step")
@@ -586,7 +605,8 @@ class ShardedLatentSource(BatchSource):
         return out
 
     def state(self) -> dict:
-        return {"kind": "shards", "dataset": self.ds.id, "seed": self.seed, "buckets": self._bucket_key(),
+        held = {"val_fraction": self.val_fraction} if self.val_fraction > 0 else {}  # older states: none held out
+        return {"kind": "shards", "dataset": self.ds.id, "seed": self.seed, "buckets": self._bucket_key(), **held,
                 **json.loads(json.dumps(self._pos))}
 
     def _bucket_key(self) -> list:
@@ -601,6 +621,9 @@ class ShardedLatentSource(BatchSource):
         if state.get("buckets") != self._bucket_key():
             raise ValueError(f"data state {state}: saved with buckets / image_ratio {state.get('buckets')}, this source has "
                              f"{self._bucket_key()}; the position would not continue the same sequence")
+        if float(state.get("val_fraction", 0.0)) != self.val_fraction:
+            raise ValueError(f"data state {state}: saved with data.val_fraction {state.get('val_fraction', 0.0)}, this "
+                             f"source holds out {self.val_fraction}; the position would not continue the same sequence")
         streams = state["streams"]
         for f in self._queue:
             if self._pool:

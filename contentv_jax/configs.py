@@ -99,6 +99,11 @@ def base(model: str = "tiny") -> ml_collections.ConfigDict:
     # record; "skip" logs them, drops unreadable shards, replaces rows failing their checksum by good rows of the
     # batch and counts both in the metrics (data_unreadable_records, data_corrupt_records). --on-corrupt.
     c.data.on_corrupt = "error"
+    # Validation loss (contentv_jax.validation), evaluated every eval.every steps: a held-out dataset folder in the
+    # same format (--val-data), or this fraction of the training dataset's records held out by a hash of their
+    # source name (--val-fraction; the same split for every seed, process count, mesh and resume).
+    c.data.val_data = ""
+    c.data.val_fraction = 0.0
 
     c.flow = ml_collections.ConfigDict()
     c.flow.timestep_sampling = "logit_normal"
@@ -157,6 +162,12 @@ def base(model: str = "tiny") -> ml_collections.ConfigDict:
     c.eval.width = preset.width
     c.eval.fps = preset.fps
     c.eval.vae = ""  # converted Wan VAE folder; empty: a randomly initialised VAE of the preset (plumbing only)
+    # Validation loss: the flow-matching loss of the raw (not EMA) params at these fixed noise levels (no shift
+    # applied), noise fixed per (val_seed, record, sigma); val_loss = their mean (the midpoint rule over s in (0, 1)).
+    c.eval.val_sigmas = tuple((k + 0.5) / 8 for k in range(8))
+    c.eval.val_max_records = 256  # the first N validation records in manifest order (0: all)
+    c.eval.val_batch = 0  # records per validation forward (0: one per batch shard of the mesh)
+    c.eval.val_seed = 0  # fixed apart from --seed, so runs with different seeds are compared at the same noise
     return c
 
 
@@ -303,7 +314,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collecti
             raise ValueError(f"--set {item!r}: no config field {key!r}")
         try:
             node[leaf] = _parse_value(text.strip(), node[leaf])
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # ConfigDict refuses a type change with a TypeError
             raise ValueError(f"--set {item!r}: {e}") from None
     return config
 
@@ -349,6 +360,11 @@ def _targets(v):
     return None if ok else "must be a non-empty list of module-path patterns, e.g. ['attn/to_q', 'ff/proj_in']"
 
 
+def _sigmas(v):
+    ok = len(v) > 0 and all(_number(s) and 0 <= s <= 1 for s in v) and len(set(v)) == len(v)
+    return None if ok else "must be a non-empty list of distinct noise levels in [0, 1]"
+
+
 _FIELD_CHECKS = {
     "steps": _at_least(1), "seed": _at_least(0), "log_every": _at_least(1), "checkpoint_every": _at_least(1),
     "keep_checkpoints": _at_least(1), "max_nonfinite": _at_least(1), "peak_tflops_per_device": _at_least(0, float),
@@ -361,7 +377,9 @@ _FIELD_CHECKS = {
     "flow.shift_max": _finite, "flow.caption_dropout": _unit(),
     "data.buckets": _buckets, "data.num_captions": _at_least(1), "data.tokens_per_step": _at_least(0),
     "data.image_ratio": lambda v: None if _number(v) and v <= 1 else "must be <= 1 (< 0: natural proportions)",
-    "eval.every": _at_least(0), "eval.num_prompts": _at_least(1), "eval.num_steps": _at_least(1),
+    "data.val_fraction": _unit(False), "eval.val_sigmas": _sigmas, "eval.val_max_records": _at_least(0),
+    "eval.val_batch": _at_least(0), "eval.val_seed": _at_least(0),
+    "eval.every": _at_least(0), "eval.num_prompts": _at_least(0), "eval.num_steps": _at_least(1),
     "eval.guidance": _guidance, "eval.shift": _positive, "eval.frames": _at_least(1), "eval.height": _at_least(1),
     "eval.width": _at_least(1), "eval.fps": _positive,
     "lora.rank": _at_least(0), "lora.alpha": _at_least(0, float), "lora.targets": _targets,
@@ -410,5 +428,6 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 _MISSING = object()
 # Fields naming inputs (empty = none); data.name is a dataset path unless "synthetic".
-_PATH_FIELDS = ("init_from", "lora.init", "data.name", "eval.vae", "rlhf.reward", "rlhf.reward_processor", "rlhf.vae",
+_PATH_FIELDS = ("init_from", "lora.init", "data.name", "data.val_data", "eval.vae", "rlhf.reward",
+                "rlhf.reward_processor", "rlhf.vae",
                 "rlhf.prompts")

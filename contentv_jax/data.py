@@ -122,5 +122,5 @@ def make_source(config, preset: ModelPreset, process_index: int = 0, process_cou
         return ShardedLatentSource(config.data.name, preset, buckets, seed=config.seed, process_index=process_index,
                                    process_count=process_count, image_ratio=config.data.get("image_ratio"),
                                    tokens_per_step=config.data.get("tokens_per_step"),
-                                   on_corrupt=on_corrupt)
+                                   on_corrupt=on_corrupt, val_fraction=config.data.get("val_fraction", 0.0))
     raise ValueError(f"--data {config.data.name!r}: unknown data source; use 'synthetic' or a dataset folder")

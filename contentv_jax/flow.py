@@ -87,6 +87,19 @@ def drop_captions(batch: dict, rng: jax.Array, p: float, null_context: jax.Array
     return {**batch, "context": context, "pooled": pooled}
 
 
+def velocity_mse(apply_fn: Callable, params, batch: dict, s: jax.Array, eps: jax.Array) -> jax.Array:
+    """The unweighted flow-matching MSE per sample at given noise: batch (latents [B,T,h,w,C] = x0, context
+    [B,L,J], pooled [B,P]), noise levels s [B] and noise eps [B,T,h,w,C] -> mean((v_pred - (eps - x0))^2) [B].
+    The one home of the objective: the train step (`flow_matching_loss`) and the validation loss
+    (contentv_jax.validation) both call it."""
+    x0 = batch["latents"].astype(jnp.float32)
+    xs, target = interpolate(x0, eps, s)
+    pred = apply_fn(params, xs, s * NUM_TRAIN_TIMESTEPS, batch["context"], batch["pooled"])
+    if pred.shape != target.shape:
+        raise ValueError(f"model output {pred.shape} != latents {target.shape}")
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))  # [B]
+
+
 def flow_matching_loss(
     apply_fn: Callable, params, batch: dict, rng: jax.Array, cfg, patch_size: int
 ) -> tuple[jax.Array, dict]:
@@ -102,10 +115,6 @@ def flow_matching_loss(
     rng_s, rng_eps = jax.random.split(rng)
     s = sample_sigmas(rng_s, b, cfg, video_tokens(x0.shape, patch_size))
     eps = jax.random.normal(rng_eps, x0.shape, jnp.float32)
-    xs, target = interpolate(x0, eps, s)
-    pred = apply_fn(params, xs, s * NUM_TRAIN_TIMESTEPS, batch["context"], batch["pooled"])
-    if pred.shape != target.shape:
-        raise ValueError(f"model output {pred.shape} != latents {target.shape}")
-    per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))  # [B]
+    per_sample = velocity_mse(apply_fn, params, batch, s, eps)
     w = loss_weights(s, cfg.loss_weighting)
     return jnp.mean(w * per_sample), {"per_sample": per_sample, "sigmas": s}

@@ -266,7 +266,8 @@ def place(tree, mesh, rules, batch_axis: bool = True):
         x = np.asarray(x)
         if not batch_axis:
             return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        return jax.make_array_from_process_local_data(shd.batch_sharding(mesh, x.ndim, rules), x)
+        global_shape = (x.shape[0] * shd.batch_slot(mesh, rules)[1], *x.shape[1:])
+        return jax.make_array_from_process_local_data(shd.batch_sharding(mesh, x.ndim, rules), x, global_shape)
 
     return jax.tree.map(put, tree)
 
@@ -319,7 +320,7 @@ def rlhf(config, *, mesh_spec: str | None = None, mesh: jax.sharding.Mesh | None
     ckpt = Checkpointer(checkpoint_dir, config.keep_checkpoints, config.checkpoint_every) if checkpoint_dir else None
     start = resume_step(resume, ckpt)  # a bad --resume fails before any work
     mesh = mesh or shd.create_mesh(mesh_spec if mesh_spec is not None else config.mesh)
-    pi, pc = jax.process_index(), jax.process_count()
+    pi, pc = shd.batch_slot(mesh, rules)  # this process's share of every batch (processes may share one)
     if r.batch % shd.batch_divisor(mesh, rules) or r.batch % pc:
         raise ValueError(f"rlhf.batch {r.batch} does not divide over the {shd.batch_divisor(mesh, rules)} batch shards")
     model = build_model(config, preset)
@@ -333,7 +334,8 @@ def rlhf(config, *, mesh_spec: str | None = None, mesh: jax.sharding.Mesh | None
     vae, vae_params = load_vae(r, preset, config.seed)
     frozen = place({"vae": vae_params, "reward": reward_params}, mesh, rules, batch_axis=False)
     obj = make_objective(config, model, vae, reward_model, prompts)
-    writer = MetricsWriter(metrics_file, Path(metrics_file).parent / "tb" if metrics_file else None, enabled=pi == 0)
+    writer = MetricsWriter(metrics_file, Path(metrics_file).parent / "tb" if metrics_file else None,
+                           enabled=jax.process_index() == 0)
     log(f"rlhf {config.model}: {len(train_prompts.prompts)} train / {len(heldout.prompts)} held-out prompts, "
         f"batch {r.batch} x {obj.latent_shape}, k in {list(obj.grad_window)} of {len(obj.sigmas) - 1}, lam {r.lam}, "
         f"fm every {r.fm_every}, mesh {dict(mesh.shape)}")

@@ -8,7 +8,8 @@
 Pieces (each usable alone): `build_model`, `create_train_state` (eval_shape -> shardings ->
 jit(init, out_shardings)), `make_train_step` (a pure function (state, batch) -> (state, metrics)),
 `StepCache` (one compiled step per bucket shape, with explicit in/out shardings and donation), `train`
-(the loop: checkpoints, resume, SIGTERM, non-finite skips, metrics, evaluation samples), `main` (the CLI).
+(the loop: checkpoints, resume, SIGTERM, non-finite skips, metrics, evaluation samples and the validation loss of
+contentv_jax.validation), `main` (the CLI).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from contentv_common.cli import (add_debug_flag, comma_list, nonneg_float, nonneg_int, output_dir, output_file,
-                                 positive_int, run_cli)
+                                 positive_int, probability, run_cli)
 from contentv_common.config import ModelPreset, get_preset
 from contentv_common.dataset import ON_CORRUPT
 from contentv_jax import configs as configs_lib
@@ -52,6 +53,7 @@ from contentv_jax.run import (  # noqa: F401  (NonFiniteError, abstract_with_sha
     resume_step,
 )
 from contentv_jax.sampler import EvalSampler
+from contentv_jax.validation import Validator, validation_set
 
 PROG = "python -m contentv_jax.train"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -134,6 +136,16 @@ def create_train_state(model, tx, preset: ModelPreset, mesh, seed: int, rules=sh
     return state, shardings
 
 
+def apply_fn_of(model, base=None) -> Callable:
+    """(params, x [B,T,h,w,C], t [B], context [B,L,J], pooled [B,P]) -> velocity: the model call the train step and
+    the validation loss share. base: a LoRA run's frozen base params (params is then the adapter)."""
+
+    def apply_fn(params, x, t, c, p):
+        return model.apply(lora_lib.variables(params, base), x, t, c, p)
+
+    return apply_fn
+
+
 def make_train_step(model, tx, config, patch_size: int, null_text: tuple | None = None) -> Callable:
     """The pure train step: (state, batch[, base]) -> (state, metrics).
 
@@ -156,9 +168,7 @@ def make_train_step(model, tx, config, patch_size: int, null_text: tuple | None 
     null_context, null_pooled = (np.asarray(x, np.float32) for x in null_text) if p_drop > 0 else (None, None)
 
     def loss_fn(params, micro, rng, base):
-        def apply_fn(params, x, t, c, p):
-            return model.apply(lora_lib.variables(params, base), x, t, c, p)
-
+        apply_fn = apply_fn_of(model, base)
         return flow_matching_loss(apply_fn, params, micro, rng, config.flow, patch_size)[0]
 
     def step_fn(state: TrainState, batch: dict, base=None):
@@ -196,27 +206,29 @@ def batch_shardings(mesh, rules=shd.DEFAULT_RULES) -> dict:
 
 
 def place_batch(batch: dict, mesh, rules=shd.DEFAULT_RULES) -> dict:
-    """Process-local numpy rows -> global jax.Arrays sharded over the batch axes (multi-host safe)."""
+    """Process-local numpy rows (this process's `shd.batch_slot` of the global batch) -> global jax.Arrays sharded
+    over the batch axes (multi-host safe)."""
     missing = [n for n in BATCH_KEYS if n not in batch]
     if missing:
         raise ValueError(f"batch lacks {missing}; a batch holds {BATCH_KEYS}")
     div = shd.batch_divisor(mesh, rules)
+    slots = shd.batch_slot(mesh, rules)[1]
     out = {}
     for n, sharding in batch_shardings(mesh, rules).items():
         x = np.asarray(batch[n], np.float32)
         if x.ndim != BATCH_NDIMS[n]:
             raise ValueError(f"batch[{n!r}] has shape {x.shape}; expected {BATCH_NDIMS[n]} dims (see contentv_jax.data)")
-        global_b = x.shape[0] * jax.process_count()
+        global_b = x.shape[0] * slots
         if global_b % div:
             raise ValueError(f"global batch {global_b} ({n} {x.shape}) does not divide over the {div} batch shards of the mesh")
-        out[n] = jax.make_array_from_process_local_data(sharding, x)
+        out[n] = jax.make_array_from_process_local_data(sharding, x, (global_b, *x.shape[1:]))
     return out
 
 
 def _evaluator(config, model, preset, source: BatchSource, out_dir: Path, log) -> EvalSampler | None:
-    """The evaluation sampler of `config.eval` (None when off or the source has no prompts). Every process samples
-    (the params are sharded over all of them); only process 0 writes."""
-    if config.eval.every <= 0:
+    """The evaluation sampler of `config.eval` (None when off, eval.num_prompts = 0 or the source has no prompts).
+    Every process samples (the params are sharded over all of them); only process 0 writes."""
+    if config.eval.every <= 0 or config.eval.num_prompts <= 0:
         return None
     prompts = source.eval_prompts(config.eval.num_prompts)
     if prompts is None:
@@ -249,7 +261,8 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
           metrics_file: str | None = None, tb_dir: str | None = None, source: BatchSource | None = None,
           log: Callable[[str], None] = print, compiler_options: dict | None = None, mesh=None,
           base_params=None) -> dict:
-    """Run `config.steps` steps; returns {"state", "history" (metrics per logged step), "compiles", "stopped"}.
+    """Run `config.steps` steps; returns {"state", "history" (metrics per logged step), "val_history" (metrics per
+    validation), "compiles", "stopped"}.
 
     mesh: a ready `Mesh` (else built from mesh_spec or config.mesh over all devices); source: a batch
     source (else `make_source(config)`); compiler_options: XLA options for every compile.
@@ -262,6 +275,7 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     ckpt = Checkpointer(checkpoint_dir, config.keep_checkpoints, config.checkpoint_every) if checkpoint_dir else None
     start = resume_step(resume, ckpt)  # a bad --resume fails before any work
     mesh = mesh or shd.create_mesh(mesh_spec if mesh_spec is not None else config.mesh)
+    val_set = validation_set(config, preset, mesh, rules, *shd.batch_slot(mesh, rules))  # checked before any work
     model = build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
     base = None if model.lora is None else lora_lib.load_base(  # (checks the targets first)
@@ -272,15 +286,15 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
         ckpt.sidecars[lora_lib.SPEC_FILE] = json.dumps(record, indent=2) + "\n"
     state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules, compiler_options,
                                                 collection="params" if model.lora is None else "lora")
-    source = source or make_source(config, preset, jax.process_index(), jax.process_count())
+    source = source or make_source(config, preset, *shd.batch_slot(mesh, rules))
     unreadable = source.corruption_counts().get("data_unreadable_records", 0)
     if unreadable:  # data.on_corrupt="skip" (with "error" the source raised, naming the shard)
         log(f"data: SKIPPING {unreadable} records of unreadable shards {source.unreadable_shards()} (data.on_corrupt=skip)")
     writer = MetricsWriter(metrics_file, tb_dir or (Path(metrics_file).parent / "tb" if metrics_file else None),
                            enabled=jax.process_index() == 0)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    log(f"model {config.model} ({n_params:,} {'adapter ' if base is not None else ''}params) stage {config.stage or '-'} mesh {dict(mesh.shape)} "
-        f"buckets {list(config.data.buckets)} steps {config.steps}")
+    log(f"model {config.model} ({n_params:,} {'adapter ' if base is not None else ''}params) stage "
+        f"{config.stage or '-'} mesh {dict(mesh.shape)} buckets {list(config.data.buckets)} steps {config.steps}")
     state = resume_or_init(state, state_shardings, step=start, ckpt=ckpt,
                            init_from=config.init_from if base is None else None,  # LoRA: the base is not the state
                            restore_data=source.restore, writer=writer, log=log)
@@ -290,6 +304,11 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     eval_model = model if base is None else model.clone(lora=None)  # LoRA: samples with the merged params
     evaluator = _evaluator(config, eval_model, preset, source, Path(metrics_file).parent if metrics_file
                            else Path(checkpoint_dir or "."), log)
+    # (LoRA: the validation loss of the base + adapter variables, both read with their own shardings)
+    validator = None if val_set is None else Validator(
+        val_set, apply_fn_of(model) if base is None else model.apply, state_shardings.params if base is None
+        else lora_lib.variables(state_shardings.params, jax.tree.map(lambda x: x.sharding, base)), mesh, rules,
+        config, compiler_options)
     steps_cache = StepCache(make_train_step(model, tx, config, preset.transformer.patch_size, _null_text(config, source, log)),
                             state_shardings, mesh, rules, compiler_options)
     transformer, text_tokens = preset.transformer, preset.text.context_tokens
@@ -300,27 +319,39 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
 
     merge = jax.jit(lambda b, a: lora_lib.merge_params(b, a, model.lora.scale)) if base is not None else None
 
+    def validate(step, state):  # the raw params, as the training loss (contentv_jax.validation says why)
+        metrics = validator(state.params if base is None else lora_lib.variables(state.params, base), step)
+        writer.write(step, metrics)
+        log(validator.describe(step, metrics))
+
     def evaluate(step, state):
-        params = state.ema_params if base is None else merge(base, state.ema_params)
-        paths = evaluator(params, step, write=jax.process_index() == 0)
-        if paths:
-            log(f"eval: wrote {len(paths)} samples to {paths[0].parent}")
+        if validator is not None:
+            validate(step, state)
+        if evaluator is not None:
+            params = state.ema_params if base is None else merge(base, state.ema_params)
+            paths = evaluator(params, step, write=jax.process_index() == 0)
+            if paths:
+                log(f"eval: wrote {len(paths)} samples to {paths[0].parent}")
 
     loop = Loop(
-        steps_cache, config.steps, next_args=lambda step: (place_batch(source.next(), mesh, rules),) + ((base,) if base is not None else ()),
+        steps_cache, config.steps,
+        next_args=lambda step: (place_batch(source.next(), mesh, rules),) + ((base,) if base is not None else ()),
         data_state=source.state, log_line=_log_line, writer=writer, log=log, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, max_nonfinite=config.max_nonfinite, ckpt=ckpt, work=work,
         peak_flops=peak_flops(jax.devices()[0].device_kind, config.peak_tflops_per_device) * jax.device_count(),
-        extra_metrics=source.corruption_counts, evaluate=evaluate if evaluator is not None else None,
+        extra_metrics=source.corruption_counts, evaluate=evaluate if evaluator or validator else None,
         eval_due=lambda step: step % config.eval.every == 0 or step == config.steps,
         describe_args=lambda args: f"bucket {tuple(args[0]['latents'].shape)}")
     try:
+        if validator is not None and int(jax.device_get(state.step)) == 0:  # the starting point (base model for LoRA)
+            validate(0, state)
         state, history, stopped = loop.run(state)
     finally:
         if ckpt is not None:
             ckpt.close()
         writer.close()
-    return {"state": state, "history": history, "compiles": steps_cache.compiles, "stopped": stopped}
+    return {"state": state, "history": history, "val_history": validator.history if validator else [],
+            "compiles": steps_cache.compiles, "stopped": stopped}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-file", type=output_file, default=None, help="JSONL metrics, one record per logged step (step, loss, norms, "
                    "steps/s, tokens/s, mfu); TensorBoard logs go to <its dir>/tb")
     p.add_argument("--tb-dir", type=output_dir, default=None, help="TensorBoard log dir (default: next to --metrics-file)")
+    p.add_argument("--val-data", default=None, help="validation dataset folder (the --data format): its flow-matching "
+                   "loss at fixed sigmas and noise every --eval-every steps, written as val_loss and "
+                   "val_loss/sigma_<s> (same as --set data.val_data=DIR)")
+    p.add_argument("--val-fraction", type=probability, default=None, help="instead of --val-data: hold out this "
+                   "fraction of the --data records (by a hash of each record's source; they never train) for the "
+                   "validation loss (data.val_fraction)")
+    p.add_argument("--eval-every", type=nonneg_int, default=None, help="validation loss and evaluation samples "
+                   "every N steps, at step 0 (validation) and at the last step; 0 = none (eval.every)")
     p.add_argument("--init-from", default=None, help="initial params (ignored when resuming): an earlier stage's "
                    "--checkpoint-dir, or any transformer format `python -m convert` reads: a ContentV / SD3.5 model "
                    "folder or its transformer/ folder, our JAX-format folder, sd3.5_large.safetensors")
@@ -381,7 +420,8 @@ def config_from_args(args) -> Any:
     config = configs_lib.get_config(args.config)
     configs_lib.apply_overrides(config, args.set)
     return configs_lib.apply_flags(config, args, (
-        ("data", "data.name"), ("on_corrupt", "data.on_corrupt"), ("steps", "steps"), ("init_from", "init_from"),
+        ("data", "data.name"), ("val_data", "data.val_data"), ("val_fraction", "data.val_fraction"),
+        ("eval_every", "eval.every"), ("on_corrupt", "data.on_corrupt"), ("steps", "steps"), ("init_from", "init_from"),
         ("log_every", "log_every"), ("checkpoint_every", "checkpoint_every"), ("seed", "seed"), ("attention", "attention_impl"),
         ("lora_rank", "lora.rank"), ("lora_alpha", "lora.alpha"), ("lora_targets", "lora.targets"),
         ("lora_base_dtype", "lora.base_dtype"), ("lora_init", "lora.init")))
@@ -398,6 +438,9 @@ def main(argv=None) -> int:
     if h:
         print(f"done ({out['stopped']}): loss {h[0]['loss']:.4f} at step {h[0]['step']} -> {h[-1]['loss']:.4f} at step "
               f"{h[-1]['step']}; {out['compiles']} compiled step(s)")
+    v = out["val_history"]
+    if v:
+        print(f"val_loss {v[0]['val_loss']:.4f} at step {v[0]['step']} -> {v[-1]['val_loss']:.4f} at step {v[-1]['step']}")
     return 0
 
 

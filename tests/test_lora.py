@@ -183,3 +183,19 @@ def test_memory_benchmark_counts_base_adapter_and_optimizer_state():
     assert row["ema_gib"] == pytest.approx(row["adapter_gib"])
     parts = row["params_gib"] + row["adapter_gib"] + row["adamw_gib"] + row["ema_gib"]
     assert row["state_gib"] == pytest.approx(parts, rel=1e-3)  # + the step, rng and counters
+
+
+def test_validation_loss_of_the_lora_model(base, tmp_path):
+    """--val-fraction with a LoRA run: the validation loss is the base + adapter model's, and it falls."""
+    from test_validation import _samples
+
+    from contentv_common.dataset import write_dataset
+
+    data = write_dataset(tmp_path / "ds", _samples(n=32), PRESET.vae, shard_rows=16)
+    config = _config(steps=6)
+    config.data.name, config.data.val_fraction = str(data), 0.25
+    config.eval.every, config.eval.num_prompts = 3, 0
+    _, out = _train(config, base)
+    vals = [h["val_loss"] for h in out["val_history"]]
+    assert [h["step"] for h in out["val_history"]] == [0, 3, 6] and all(np.isfinite(vals))
+    assert vals[-1] < vals[0], vals
