@@ -41,7 +41,7 @@ DEFAULT_TARGETS = (
 _DIFFUSERS_PIECES = (("to_out.0", "to_out"), ("net.0.proj", "proj_in"), ("net.2", "proj_out"))
 # Top-level modules holding scanned / separate blocks: not part of a target's path.
 _BLOCK_PREFIXES = ("transformer_blocks", "last_block")
-SPEC_FILE = "lora.json"  # next to a LoRA run's checkpoints: rank, alpha, targets, base
+SPEC_FILE = "lora.json"  # written with a LoRA run's first checkpoint: rank, alpha, targets, base, num_layers
 
 
 def normalize_target(pattern: str) -> str:
@@ -141,11 +141,6 @@ def variables(params, base) -> dict:
     return {"params": params} if base is None else {"params": base, "lora": params}
 
 
-def init_base(model, dummy_inputs, rng):
-    """The base params of a LoRA model (its "params" collection), boxed (for eval_shape / shardings)."""
-    return model.init(rng, *dummy_inputs)["params"]
-
-
 # ----------------------------------------------------------------------------------------------
 # The JSON next to a LoRA run's checkpoints: what export and resume need to know.
 
@@ -194,8 +189,9 @@ def read_record(checkpoint_dir: str | Path) -> dict[str, Any]:
 
 def merge_params(base, adapter, scale: float):
     """Base params with each adapted kernel replaced by W + scale * A B (in W's dtype): the model the adapter makes,
-    as plain params (evaluation sampling, `python -m convert --merge`). Works on jax and numpy trees; stacked
-    (scanned) layers multiply row by row."""
+    as plain params in our tree (evaluation sampling, tests; `python -m convert --merge` merges in the torch layout,
+    tensor by tensor, with convert.lora.merged_weight). Works on jax and numpy trees; stacked (scanned) layers
+    multiply row by row."""
     flat = flax.traverse_util.flatten_dict(base, sep="/")
     for mod, ab in flax.traverse_util.flatten_dict(adapter, sep="/", is_leaf=lambda _, v: "lora_A" in v).items():
         k = flat[f"{mod}/kernel"]
