@@ -29,7 +29,8 @@ PRESET = get_preset("tiny")
 
 def _base_params(seed=1):
     model = ContentVTransformer(PRESET.transformer)
-    return jax.device_get(flax.linen.meta.unbox(model.init(jax.random.PRNGKey(seed), *T._dummy_inputs(PRESET))["params"]))
+    init = jax.jit(lambda r: flax.linen.meta.unbox(model.init(r, *T._dummy_inputs(PRESET))["params"]))
+    return jax.device_get(init(jax.random.PRNGKey(seed)))
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +66,10 @@ def test_step0_equals_base_and_adapter_equals_merged(base):
     spec = L.LoraSpec(4, 8.0)
     plain, lora = ContentVTransformer(PRESET.transformer), ContentVTransformer(PRESET.transformer, lora=spec)
     x = _inputs()
-    adapter = flax.linen.meta.unbox(lora.init(jax.random.PRNGKey(3), *x)["lora"])
-    ref = plain.apply({"params": base}, *x)
-    out = lora.apply({"params": base, "lora": adapter}, *x)
+    adapter = jax.jit(lambda r: flax.linen.meta.unbox(lora.init(r, *x)["lora"]))(jax.random.PRNGKey(3))
+    plain_apply, lora_apply = jax.jit(plain.apply), jax.jit(lora.apply)
+    ref = plain_apply({"params": base}, *x)
+    out = lora_apply({"params": base, "lora": adapter}, *x)
     assert float(jnp.abs(ref).mean()) > 0.1
     assert rel_err(out, ref) <= 1e-6
     # A is PEFT's kaiming-uniform U(+-1/sqrt(in)), nonzero; B starts at zero
@@ -76,8 +78,8 @@ def test_step0_equals_base_and_adapter_equals_merged(base):
     assert 0 < float(jnp.abs(a).max()) <= 1 / np.sqrt(PRESET.transformer.inner_dim)
     # nonzero B: the adapted model differs from the base and equals the merged W + (alpha/r) A B model
     adapter = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.PRNGKey(v.size), v.shape), adapter)
-    out = lora.apply({"params": base, "lora": adapter}, *x)
-    merged = plain.apply({"params": L.merge_params(base, adapter, spec.scale)}, *x)
+    out = lora_apply({"params": base, "lora": adapter}, *x)
+    merged = plain_apply({"params": L.merge_params(base, adapter, spec.scale)}, *x)
     assert rel_err(out, ref) > 1e-2
     assert rel_err(out, merged) <= 1e-5
     # every default target is adapted in both streams and in the last block (no to_add_out / ff_context there)
@@ -171,8 +173,9 @@ def test_memory_benchmark_counts_base_adapter_and_optimizer_state():
     from contentv_jax.transformer import count_params
 
     row = measure("tiny", (9, 32, 48), "fsdp=2", "full", attention="flash", lora_rank=4, lora_base_dtype="bfloat16")
-    n_base = count_params(_base_params())
-    kernels = [x for p, x in flax.traverse_util.flatten_dict(_base_params(), sep="/").items()
+    base_params = _base_params()
+    n_base = count_params(base_params)
+    kernels = [x for p, x in flax.traverse_util.flatten_dict(base_params, sep="/").items()
                if p.endswith("/kernel") and L.LoraSpec(4, 4.0).matches(p.rsplit("/", 1)[0])]
     n_adapter = sum(4 * (x.shape[-2] + x.shape[-1]) * (x.shape[0] if x.ndim == 3 else 1) for x in kernels)  # A + B
     gib = 2.0**30
