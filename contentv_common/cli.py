@@ -107,6 +107,21 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonneg_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
+    return value
+
+
+def comma_list(text: str) -> list[str]:
+    """'a,b , c' -> ['a', 'b', 'c']; empty items are an error."""
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {text!r}")
+    return items
+
+
 def probability(text: str) -> float:
     value = finite_float(text)
     if not 0.0 <= value <= 1.0:

@@ -48,6 +48,9 @@ class Checkpointer:
         # orbax creates the directory: a new one is made at the first save, so a run that fails before it
         # leaves no empty checkpoint dir behind
         self._manager = self._open() if self.directory.is_dir() else None
+        # small files (name -> text) written next to the step dirs with the first save, when missing (a LoRA
+        # run's lora.json: what export and resume need to know about the adapter)
+        self.sidecars: dict[str, str] = {}
 
     def _open(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(self.directory, options=self._options, item_names=(CHECKPOINT_STATE_ITEM, "data"))
@@ -62,11 +65,21 @@ class Checkpointer:
         """Start an (async) save of step `step` if the interval says so or `force`; True if one started."""
         if self._manager is None:
             self._manager = self._open()
+        if jax.process_index() == 0:
+            self._write_sidecars()
         return self._manager.save(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
             force=force,
         )
+
+    def _write_sidecars(self) -> None:
+        from contentv_common.weights import atomic_file
+
+        for name, text in self.sidecars.items():
+            if not (self.directory / name).is_file():
+                with atomic_file(self.directory / name) as tmp:
+                    tmp.write_text(text)
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """(state, data_state) of `step`; `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings."""

@@ -30,6 +30,7 @@ import ml_collections
 from contentv_common.cli import UsageError
 from contentv_common.config import get_preset
 from contentv_common.schedule import DEFAULT_SIGMA_GRID
+from contentv_jax.lora import DEFAULT_TARGETS as LORA_DEFAULT_TARGETS
 from contentv_jax.sharding import DEFAULT_RULES
 
 STAGES = ("video_lowres", "joint", "duration", "resolution", "sft")  # the trainer's; "rlhf" is contentv_jax.rlhf's
@@ -139,6 +140,15 @@ def base(model: str = "tiny") -> ml_collections.ConfigDict:
     c.max_nonfinite = 20  # consecutive skipped (non-finite) updates before the run stops
     c.sharding_rules = DEFAULT_RULES  # (logical axis name, mesh axes) pairs; validated by sharding.rules_from_config
     c.peak_tflops_per_device = 0.0  # 0: look it up from the device kind (metrics.peak_flops)
+
+    # LoRA fine-tuning (contentv_jax.lora): rank 0 = off (full fine-tuning). With rank r > 0 only the adapters of
+    # the targeted Dense layers train; the base (init_from) is frozen in base_dtype, without optimizer state / EMA.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 0.0  # the update is scaled by alpha / rank; 0: alpha = rank (scale 1, diffusers' SD3 recipe)
+    c.lora.targets = list(LORA_DEFAULT_TARGETS)  # module-path patterns, ours ("attn/to_q") or diffusers' ("attn.to_q")
+    c.lora.base_dtype = "bfloat16" if big else "float32"
+    c.lora.init = ""  # a diffusers / PEFT LoRA .safetensors to start the adapter from (--lora-init)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = {"tiny": 0, "small": 500}.get(model, 2000)  # 0: none (the tiny default run stays short)
@@ -345,6 +355,11 @@ def _buckets(v):
     return None if ok else "must be a non-empty list of (frames, height, width, batch) positive integers"
 
 
+def _targets(v):
+    ok = len(v) > 0 and all(isinstance(t, str) and t.strip() for t in v)
+    return None if ok else "must be a non-empty list of module-path patterns, e.g. ['attn/to_q', 'ff/proj_in']"
+
+
 def _sigmas(v):
     ok = len(v) > 0 and all(_number(s) and 0 <= s <= 1 for s in v) and len(set(v)) == len(v)
     return None if ok else "must be a non-empty list of distinct noise levels in [0, 1]"
@@ -367,6 +382,8 @@ _FIELD_CHECKS = {
     "eval.every": _at_least(0), "eval.num_prompts": _at_least(0), "eval.num_steps": _at_least(1),
     "eval.guidance": _guidance, "eval.shift": _positive, "eval.frames": _at_least(1), "eval.height": _at_least(1),
     "eval.width": _at_least(1), "eval.fps": _positive,
+    "lora.rank": _at_least(0), "lora.alpha": _at_least(0, float), "lora.targets": _targets,
+    "lora.base_dtype": lambda v: None if v in ("float32", "bfloat16") else "must be float32 or bfloat16",
     # the RLHF stage (contentv_jax.rlhf.get_config)
     "rlhf.num_prompts": _at_least(1), "rlhf.num_heldout": _at_least(1), "rlhf.lam": _finite,
     "rlhf.rollout_steps": _at_least(1), "rlhf.guidance": _guidance, "rlhf.shift": _positive,
@@ -397,6 +414,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         if value not in (_MISSING, "", None) and not (field == "data.name" and value == "synthetic") \
                 and not Path(value).exists():
             raise UsageError(f"config field {field}={value!r}: no such file or folder")
+    if get("lora.rank") not in (_MISSING, 0) and not config.init_from:
+        raise UsageError(f"config field lora.rank={config.lora.rank}: a LoRA run trains an adapter on a base model; "
+                         f"give the base with --init-from")
     window = get("rlhf.grad_window")
     if window is not _MISSING:
         lo, hi = window
@@ -408,5 +428,6 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 _MISSING = object()
 # Fields naming inputs (empty = none); data.name is a dataset path unless "synthetic".
-_PATH_FIELDS = ("init_from", "data.name", "data.val_data", "eval.vae", "rlhf.reward", "rlhf.reward_processor", "rlhf.vae",
+_PATH_FIELDS = ("init_from", "lora.init", "data.name", "data.val_data", "eval.vae", "rlhf.reward",
+                "rlhf.reward_processor", "rlhf.vae",
                 "rlhf.prompts")

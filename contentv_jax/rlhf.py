@@ -322,6 +322,9 @@ def rlhf(config, *, mesh_spec: str | None = None, mesh: jax.sharding.Mesh | None
     pi, pc = shd.batch_slot(mesh, rules)  # this process's share of every batch (processes may share one)
     if r.batch % shd.batch_divisor(mesh, rules) or r.batch % pc:
         raise ValueError(f"rlhf.batch {r.batch} does not divide over the {shd.batch_divisor(mesh, rules)} batch shards")
+    if config.lora.rank:
+        raise ValueError(f"lora.rank={config.lora.rank}: RLHF trains the full model; LoRA is the trainer's "
+                         f"(python -m contentv_jax.train --lora-rank)")
     model = build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
     state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules, compiler_options)

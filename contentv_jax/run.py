@@ -87,7 +87,7 @@ def abstract_with_shardings(tree, shardings):
 
 
 def load_init_params(path: str, abstract_params, shardings):
-    """Params [the model's tree, float32, placed by `shardings`] from `--init-from`: an earlier stage's checkpoint
+    """Params [the model's tree, in the dtypes of `abstract_params`, placed by `shardings`] from `--init-from`: an earlier stage's checkpoint
     dir of this trainer (its raw params, restored shard by shard), or any transformer format `python -m convert`
     reads (`contentv_common.formats.sources.iter_params`): a diffusers ContentV / SD3.5 folder (model_index.json +
     transformer/), a `transformer/` folder, our JAX-format folder, an SD3.5 original single file, one step dir of
@@ -112,7 +112,7 @@ def load_init_params(path: str, abstract_params, shardings):
                              openers={"orbax": checkpoint_source})  # one step dir of a checkpoint
         for _, key, leaf in tqdm(leaves, total=len(flat_want), desc="--init-from", unit="tensor",
                                  disable=jax.process_index() != 0):
-            placed[key] = jax.device_put(np.asarray(leaf, np.float32), flat_sh[key])
+            placed[key] = jax.device_put(np.asarray(leaf, flat_want[key].dtype), flat_sh[key])
     except (FormatError, FileNotFoundError) as e:  # the messages name the path
         raise type(e)(f"--init-from: neither a checkpoint dir of this trainer nor a transformer format "
                       f"`python -m convert` reads: {e}") from None

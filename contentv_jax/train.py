@@ -14,6 +14,7 @@ contentv_jax.validation), `main` (the CLI).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,11 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contentv_common.cli import add_debug_flag, nonneg_int, output_dir, output_file, positive_int, probability, run_cli
+from contentv_common.cli import (add_debug_flag, comma_list, nonneg_float, nonneg_int, output_dir, output_file,
+                                 positive_int, probability, run_cli)
 from contentv_common.config import ModelPreset, get_preset
 from contentv_common.dataset import ON_CORRUPT
 from contentv_common.weights import DTYPES
 from contentv_jax import configs as configs_lib
+from contentv_jax import lora as lora_lib
 from contentv_jax import sharding as shd
 from contentv_jax.attention import ATTENTION_IMPLS
 from contentv_jax.checkpoint import Checkpointer, resume_flag
@@ -84,7 +87,7 @@ def build_model(config, preset: ModelPreset):
         raise ValueError(f"config.dtype {config.dtype!r} unknown; choose one of {sorted(COMPUTE_DTYPES)}")
     return ContentVTransformer(
         preset.transformer, dtype=DTYPES[config.dtype], param_dtype=jnp.float32,
-        remat_policy=config.remat_policy, attention_impl=config.attention_impl,
+        remat_policy=config.remat_policy, attention_impl=config.attention_impl, lora=lora_lib.spec_from_config(config),
     )
 
 
@@ -96,12 +99,13 @@ def _dummy_inputs(preset: ModelPreset, batch: int = 1):
             jnp.zeros((batch, t.context_tokens, cfg.joint_attention_dim)), jnp.zeros((batch, cfg.pooled_projection_dim)))
 
 
-def train_state_init(model, tx, preset: ModelPreset) -> Callable:
+def train_state_init(model, tx, preset: ModelPreset, collection: str = "params") -> Callable:
     """rng -> a fresh TrainState whose leaves are boxed with their logical axis names (eval_shape it for the
-    abstract state and its shardings; unbox it under jit for the real one)."""
+    abstract state and its shardings; unbox it under jit for the real one). collection: the variables trained
+    ("lora" for a LoRA model: the state holds only the adapter; the base params are an input of the step)."""
 
     def init_boxed(rng):
-        params = model.init(jax.random.fold_in(rng, 0), *_dummy_inputs(preset))["params"]
+        params = model.init(jax.random.fold_in(rng, 0), *_dummy_inputs(preset))[collection]
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
             ema_params=jax.tree.map(jnp.copy, params), rng=rng,
@@ -112,7 +116,7 @@ def train_state_init(model, tx, preset: ModelPreset) -> Callable:
 
 
 def create_train_state(model, tx, preset: ModelPreset, mesh, seed: int, rules=shd.DEFAULT_RULES,
-                       compiler_options: dict | None = None):
+                       compiler_options: dict | None = None, collection: str = "params"):
     """(state, state_shardings): parameters are created already sharded, never whole on one host.
 
     1. eval_shape the boxed init (logical axis names on every parameter, optimizer moment and EMA leaf);
@@ -121,7 +125,7 @@ def create_train_state(model, tx, preset: ModelPreset, mesh, seed: int, rules=sh
     3. jit(init, out_shardings=those) so each device only ever holds its shards.
     """
 
-    init_boxed = train_state_init(model, tx, preset)
+    init_boxed = train_state_init(model, tx, preset, collection)
     # Init runs outside the rules context: only its output shardings matter, and flax's boxed-param
     # constraints reject repeated logical names (conv kernels) that logical_shardings handles.
     rng = jax.random.PRNGKey(seed)
@@ -133,18 +137,18 @@ def create_train_state(model, tx, preset: ModelPreset, mesh, seed: int, rules=sh
     return state, shardings
 
 
-def apply_fn_of(model) -> Callable:
+def apply_fn_of(model, base=None) -> Callable:
     """(params, x [B,T,h,w,C], t [B], context [B,L,J], pooled [B,P]) -> velocity: the model call the train step and
-    the validation loss share."""
+    the validation loss share. base: a LoRA run's frozen base params (params is then the adapter)."""
 
     def apply_fn(params, x, t, c, p):
-        return model.apply({"params": params}, x, t, c, p)
+        return model.apply(lora_lib.variables(params, base), x, t, c, p)
 
     return apply_fn
 
 
 def make_train_step(model, tx, config, patch_size: int, null_text: tuple | None = None) -> Callable:
-    """The pure train step: (state, batch) -> (state, metrics).
+    """The pure train step: (state, batch[, base]) -> (state, metrics).
 
     batch: latents [B, T, h, w, C], context [B, L, J], pooled [B, P] (one bucket shape).
     null_text: the empty prompt's (context [L, J], pooled [P]); with `flow.caption_dropout` p > 0 each sample's
@@ -153,6 +157,7 @@ def make_train_step(model, tx, config, patch_size: int, null_text: tuple | None 
     j, so each stays spread over the batch shards). A non-finite loss or gradient skips the update
     (params, optimizer state and EMA keep their values) and is counted. metrics (flat, fp32 scalars):
     loss, grad_norm, param_norm, update_norm, lr, skipped (this step), nonfinite (consecutive).
+    base: a LoRA run's frozen base params (state.params is then the adapter, the only thing differentiated).
     """
     k = int(config.optim.grad_accum)
     schedule = lr_schedule(config.optim, config.steps)
@@ -163,12 +168,11 @@ def make_train_step(model, tx, config, patch_size: int, null_text: tuple | None 
         raise ValueError(f"flow.caption_dropout={p_drop} needs the empty prompt's embeddings (null_text)")
     null_context, null_pooled = (np.asarray(x, np.float32) for x in null_text) if p_drop > 0 else (None, None)
 
-    apply_fn = apply_fn_of(model)
-
-    def loss_fn(params, micro, rng):
+    def loss_fn(params, micro, rng, base):
+        apply_fn = apply_fn_of(model, base)
         return flow_matching_loss(apply_fn, params, micro, rng, config.flow, patch_size)[0]
 
-    def step_fn(state: TrainState, batch: dict):
+    def step_fn(state: TrainState, batch: dict, base=None):
         rng = jax.random.fold_in(state.rng, state.step)
         b = batch["latents"].shape[0]
         if b % k:
@@ -181,7 +185,7 @@ def make_train_step(model, tx, config, patch_size: int, null_text: tuple | None 
                     for n, x in batch.items()}
 
         def grad_of(micro_batch, j):
-            return jax.value_and_grad(loss_fn)(state.params, micro_batch, jax.random.fold_in(rng, j))
+            return jax.value_and_grad(loss_fn)(state.params, micro_batch, jax.random.fold_in(rng, j), base)
 
         if k == 1:
             loss, grads = grad_of(batch, 0)
@@ -256,12 +260,15 @@ def _log_line(step: int, m: dict) -> str:
 
 def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = None, resume: str = "auto",
           metrics_file: str | None = None, tb_dir: str | None = None, source: BatchSource | None = None,
-          log: Callable[[str], None] = print, compiler_options: dict | None = None, mesh=None) -> dict:
+          log: Callable[[str], None] = print, compiler_options: dict | None = None, mesh=None,
+          base_params=None) -> dict:
     """Run `config.steps` steps; returns {"state", "history" (metrics per logged step), "val_history" (metrics per
     validation), "compiles", "stopped"}.
 
     mesh: a ready `Mesh` (else built from mesh_spec or config.mesh over all devices); source: a batch
     source (else `make_source(config)`); compiler_options: XLA options for every compile.
+    LoRA (config.lora.rank > 0): the state holds the adapter only; the frozen base comes from config.init_from on
+    every start, resume included (or `base_params`, a params tree), and is an input of each step.
     The run skeleton (resume, SIGTERM, non-finite guard, checkpoints, throughput) is `contentv_jax.run`'s.
     """
     preset = get_preset(config.model)
@@ -272,7 +279,14 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     val_set = validation_set(config, preset, mesh, rules, *shd.batch_slot(mesh, rules))  # checked before any work
     model = build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
-    state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules, compiler_options)
+    base = None if model.lora is None else lora_lib.load_base(  # (checks the targets first)
+        config, model, preset, mesh, rules, checkpoint_dir=checkpoint_dir, base_params=base_params, log=log)
+    if base is not None and ckpt is not None:  # lora.json, written next to the first checkpoint
+        record = lora_lib.spec_record(model.lora, Path(config.init_from).absolute() if config.init_from else
+                                      "(base params given by the program)", config.lora.base_dtype, preset.transformer.num_layers)
+        ckpt.sidecars[lora_lib.SPEC_FILE] = json.dumps(record, indent=2) + "\n"
+    state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules, compiler_options,
+                                                collection="params" if model.lora is None else "lora")
     source = source or make_source(config, preset, *shd.batch_slot(mesh, rules))
     unreadable = source.corruption_counts().get("data_unreadable_records", 0)
     if unreadable:  # data.on_corrupt="skip" (with "error" the source raised, naming the shard)
@@ -280,14 +294,22 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     writer = MetricsWriter(metrics_file, tb_dir or (Path(metrics_file).parent / "tb" if metrics_file else None),
                            enabled=jax.process_index() == 0)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    log(f"model {config.model} ({n_params:,} params) stage {config.stage or '-'} mesh {dict(mesh.shape)} "
-        f"buckets {list(config.data.buckets)} steps {config.steps}")
-    state = resume_or_init(state, state_shardings, step=start, ckpt=ckpt, init_from=config.init_from,
+    log(f"model {config.model} ({n_params:,} {'adapter ' if base is not None else ''}params) stage "
+        f"{config.stage or '-'} mesh {dict(mesh.shape)} buckets {list(config.data.buckets)} steps {config.steps}")
+    state = resume_or_init(state, state_shardings, step=start, ckpt=ckpt,
+                           init_from=config.init_from if base is None else None,  # LoRA: the base is not the state
                            restore_data=source.restore, writer=writer, log=log)
-    evaluator = _evaluator(config, model, preset, source, Path(metrics_file).parent if metrics_file
+    if base is not None and start is None and config.lora.init:
+        state = lora_lib.init_adapter(config.lora.init, state, state_shardings, model.lora, preset.transformer.num_layers)
+        log(f"initialised the LoRA adapter from {config.lora.init}")
+    eval_model = model if base is None else model.clone(lora=None)  # LoRA: samples with the merged params
+    evaluator = _evaluator(config, eval_model, preset, source, Path(metrics_file).parent if metrics_file
                            else Path(checkpoint_dir or "."), log)
-    validator = None if val_set is None else Validator(val_set, apply_fn_of(model), state_shardings.params, mesh, rules,
-                                                       config, compiler_options)
+    # (LoRA: the validation loss of the base + adapter variables, both read with their own shardings)
+    validator = None if val_set is None else Validator(
+        val_set, apply_fn_of(model) if base is None else model.apply, state_shardings.params if base is None
+        else lora_lib.variables(state_shardings.params, jax.tree.map(lambda x: x.sharding, base)), mesh, rules,
+        config, compiler_options)
     steps_cache = StepCache(make_train_step(model, tx, config, preset.transformer.patch_size, _null_text(config, source, log)),
                             state_shardings, mesh, rules, compiler_options)
     transformer, text_tokens = preset.transformer, preset.text.context_tokens
@@ -296,8 +318,10 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
         b, *latent_shape = args[0]["latents"].shape
         return b * transformer.video_tokens(latent_shape), train_step_flops(transformer, latent_shape, text_tokens, b)
 
+    merge = jax.jit(lambda b, a: lora_lib.merge_params(b, a, model.lora.scale)) if base is not None else None
+
     def validate(step, state):  # the raw params, as the training loss (contentv_jax.validation says why)
-        metrics = validator(state.params, step)
+        metrics = validator(state.params if base is None else lora_lib.variables(state.params, base), step)
         writer.write(step, metrics)
         log(validator.describe(step, metrics))
 
@@ -305,12 +329,14 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
         if validator is not None:
             validate(step, state)
         if evaluator is not None:
-            paths = evaluator(state.ema_params, step, write=jax.process_index() == 0)
+            params = state.ema_params if base is None else merge(base, state.ema_params)
+            paths = evaluator(params, step, write=jax.process_index() == 0)
             if paths:
                 log(f"eval: wrote {len(paths)} samples to {paths[0].parent}")
 
     loop = Loop(
-        steps_cache, config.steps, next_args=lambda step: (place_batch(source.next(), mesh, rules),),
+        steps_cache, config.steps,
+        next_args=lambda step: (place_batch(source.next(), mesh, rules),) + ((base,) if base is not None else ()),
         data_state=source.state, log_line=_log_line, writer=writer, log=log, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, max_nonfinite=config.max_nonfinite, ckpt=ckpt, work=work,
         peak_flops=peak_flops(jax.devices()[0].device_kind, config.peak_tflops_per_device) * jax.device_count(),
@@ -359,6 +385,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, help="initial params (ignored when resuming): an earlier stage's "
                    "--checkpoint-dir, or any transformer format `python -m convert` reads: a ContentV / SD3.5 model "
                    "folder or its transformer/ folder, our JAX-format folder, sd3.5_large.safetensors")
+    p.add_argument("--lora-rank", type=nonneg_int, default=None, help="LoRA: train rank-R adapters on the frozen "
+                   "--init-from base (0 = full fine-tuning, the default; config lora.rank)")
+    p.add_argument("--lora-alpha", type=nonneg_float, default=None, help="LoRA: the update is scaled by alpha / rank "
+                   "(default: alpha = rank)")
+    p.add_argument("--lora-targets", type=comma_list, default=None, metavar="PATTERN,...",
+                   help="LoRA: Dense layers to adapt, by module-path pattern, ours (attn/to_q, ff/proj_in) or "
+                   "diffusers' (attn.to_q, ff.net.0.proj); fnmatch wildcards (default: attention q/k/v/out of both "
+                   "streams and both feed-forwards)")
+    p.add_argument("--lora-init", default=None, metavar="FILE", help="LoRA: start the adapter from a diffusers / "
+                   "PEFT LoRA .safetensors (python -m convert --to peft, or a diffusers-trained one; ignored when "
+                   "resuming); its rank, alpha and modules must match --lora-rank/--lora-alpha/--lora-targets")
+    p.add_argument("--lora-base-dtype", choices=sorted(DTYPES), default=None, help="LoRA: dtype the frozen base is "
+                   "held in (default: bfloat16 for contentv-8b, float32 otherwise)")
     p.add_argument("--on-corrupt", choices=ON_CORRUPT, default=None, help="a corrupt / unreadable dataset "
                    "shard or record: error (stop, naming it) or skip (log it, count it in the metrics); default: "
                    "the config's data.on_corrupt, error")
@@ -384,7 +423,9 @@ def config_from_args(args) -> Any:
     return configs_lib.apply_flags(config, args, (
         ("data", "data.name"), ("val_data", "data.val_data"), ("val_fraction", "data.val_fraction"),
         ("eval_every", "eval.every"), ("on_corrupt", "data.on_corrupt"), ("steps", "steps"), ("init_from", "init_from"),
-        ("log_every", "log_every"), ("checkpoint_every", "checkpoint_every"), ("seed", "seed"), ("attention", "attention_impl")))
+        ("log_every", "log_every"), ("checkpoint_every", "checkpoint_every"), ("seed", "seed"), ("attention", "attention_impl"),
+        ("lora_rank", "lora.rank"), ("lora_alpha", "lora.alpha"), ("lora_targets", "lora.targets"),
+        ("lora_base_dtype", "lora.base_dtype"), ("lora_init", "lora.init")))
 
 
 def main(argv=None) -> int:

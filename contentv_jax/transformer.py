@@ -31,6 +31,7 @@ from contentv_common.config import TransformerConfig
 from contentv_common.sincos import sincos_3d
 from contentv_jax.attention import ATTENTION_IMPLS, attention
 from contentv_jax.context_parallel import CONTEXT_PARALLEL_IMPLS
+from contentv_jax.lora import LoRADense, LoraSpec
 from contentv_jax.sharding import constrain
 
 Dtype = Any
@@ -64,10 +65,11 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 REMAT_CHOICES = ("none", *REMAT_POLICIES)
 
 
-def _dense(features: int, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype, name: str, use_bias: bool = True):
-    """nn.Dense with logically partitioned kernel [in, out] and bias [out]."""
-    return nn.Dense(
-        features,
+def _dense(features: int, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype, name: str, use_bias: bool = True,
+           lora: LoraSpec | None = None):
+    """nn.Dense with logically partitioned kernel [in, out] and bias [out]; with a `lora` spec, a `LoRADense`
+    (the same params, plus the adapter when the spec targets this layer)."""
+    kw = dict(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
@@ -75,6 +77,7 @@ def _dense(features: int, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtyp
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
         name=name,
     )
+    return nn.Dense(features, **kw) if lora is None else LoRADense(features, lora=lora, kernel_axes=axes, **kw)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -143,11 +146,12 @@ class MLPEmbedder(nn.Module):
     dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _dense(self.dim, ("joint", "mlp"), self.dtype, self.param_dtype, "linear_1")(x)
-        return _dense(self.dim, ("mlp", "embed"), self.dtype, self.param_dtype, "linear_2")(nn.silu(x))
+        x = _dense(self.dim, ("joint", "mlp"), self.dtype, self.param_dtype, "linear_1", lora=self.lora)(x)
+        return _dense(self.dim, ("mlp", "embed"), self.dtype, self.param_dtype, "linear_2", lora=self.lora)(nn.silu(x))
 
 
 class CombinedTimestepTextProjEmbeddings(nn.Module):
@@ -156,12 +160,13 @@ class CombinedTimestepTextProjEmbeddings(nn.Module):
     dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, timestep: jax.Array, pooled: jax.Array) -> jax.Array:
         t = timestep_frequencies(timestep).astype(self.dtype)
-        t = MLPEmbedder(self.dim, self.dtype, self.param_dtype, name="timestep_embedder")(t)
-        p = MLPEmbedder(self.dim, self.dtype, self.param_dtype, name="text_embedder")(pooled.astype(self.dtype))
+        t = MLPEmbedder(self.dim, self.dtype, self.param_dtype, self.lora, name="timestep_embedder")(t)
+        p = MLPEmbedder(self.dim, self.dtype, self.param_dtype, self.lora, name="text_embedder")(pooled.astype(self.dtype))
         return t + p
 
 
@@ -205,10 +210,11 @@ class AdaLayerNormZero(nn.Module):
     dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array):
-        mod = _dense(6 * self.dim, ("embed", "mlp"), self.dtype, self.param_dtype, "linear")(nn.silu(emb))
+        mod = _dense(6 * self.dim, ("embed", "mlp"), self.dtype, self.param_dtype, "linear", lora=self.lora)(nn.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         return modulate(layer_norm(x), shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
@@ -220,10 +226,11 @@ class AdaLayerNormContinuous(nn.Module):
     dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
-        mod = _dense(2 * self.dim, ("embed", "mlp"), self.dtype, self.param_dtype, "linear")(nn.silu(emb))
+        mod = _dense(2 * self.dim, ("embed", "mlp"), self.dtype, self.param_dtype, "linear", lora=self.lora)(nn.silu(emb))
         scale, shift = jnp.split(mod, 2, axis=-1)
         return modulate(layer_norm(x), shift, scale)
 
@@ -234,13 +241,14 @@ class FeedForward(nn.Module):
     dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = _dense(4 * self.dim, ("embed", "mlp"), self.dtype, self.param_dtype, "proj_in")(x)
+        h = _dense(4 * self.dim, ("embed", "mlp"), self.dtype, self.param_dtype, "proj_in", lora=self.lora)(x)
         h = checkpoint_name(nn.gelu(h, approximate=True), "ff_hidden")
         h = constrain(h, ("batch", "length", "act_mlp"))
-        return _dense(self.dim, ("mlp", "embed"), self.dtype, self.param_dtype, "proj_out")(h)
+        return _dense(self.dim, ("mlp", "embed"), self.dtype, self.param_dtype, "proj_out", lora=self.lora)(h)
 
 
 class _JointFields(nn.Module):
@@ -251,6 +259,7 @@ class _JointFields(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    lora: LoraSpec | None = None  # adapters on the targeted Dense layers (contentv_jax.lora)
 
 
 class JointAttention(_JointFields):
@@ -273,7 +282,7 @@ class JointAttention(_JointFields):
         def rms(name):
             return RMSNorm(hd, 1e-6, dt, pdt, name=name)
 
-        proj = {k: _dense(d, ("embed", "heads"), dt, pdt, k)
+        proj = {k: _dense(d, ("embed", "heads"), dt, pdt, k, lora=self.lora)
                 for k in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
         # [video | text] tokens: [B, N+L, heads, hd]
         q = jnp.concatenate([heads(x, proj["to_q"], rms("norm_q")), heads(c, proj["add_q_proj"], rms("norm_added_q"))],
@@ -289,10 +298,10 @@ class JointAttention(_JointFields):
         v = checkpoint_name(constrain(v, ("batch", kv, "act_heads", None)), "value")
         o = attention(q, k, v, self.attention_impl).reshape(b, -1, d)  # [B, N+L, D]
         o = checkpoint_name(o, "attn_out")
-        x_out = _dense(d, ("heads", "embed"), dt, pdt, "to_out")(o[:, :n])
+        x_out = _dense(d, ("heads", "embed"), dt, pdt, "to_out", lora=self.lora)(o[:, :n])
         if self.context_pre_only:
             return x_out, None
-        return x_out, _dense(d, ("heads", "embed"), dt, pdt, "to_add_out")(o[:, n:])
+        return x_out, _dense(d, ("heads", "embed"), dt, pdt, "to_add_out", lora=self.lora)(o[:, n:])
 
 
 class JointTransformerBlock(_JointFields):
@@ -305,24 +314,24 @@ class JointTransformerBlock(_JointFields):
     @nn.compact
     def __call__(self, carry, temb: jax.Array):
         x, c = carry
-        d, dt, pdt = self.config.inner_dim, self.dtype, self.param_dtype
-        nx, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLayerNormZero(d, dt, pdt, name="norm1")(x, temb)
+        d, dt, pdt, lora = self.config.inner_dim, self.dtype, self.param_dtype, self.lora
+        nx, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLayerNormZero(d, dt, pdt, lora, name="norm1")(x, temb)
         if self.context_pre_only:
-            nc = AdaLayerNormContinuous(d, dt, pdt, name="norm1_context")(c, temb)
+            nc = AdaLayerNormContinuous(d, dt, pdt, lora, name="norm1_context")(c, temb)
         else:
-            norm1_context = AdaLayerNormZero(d, dt, pdt, name="norm1_context")
+            norm1_context = AdaLayerNormZero(d, dt, pdt, lora, name="norm1_context")
             nc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = norm1_context(c, temb)
-        attn = JointAttention(self.config, self.context_pre_only, dt, pdt, self.attention_impl, name="attn")
+        attn = JointAttention(self.config, self.context_pre_only, dt, pdt, self.attention_impl, lora, name="attn")
         attn_x, attn_c = attn(nx, nc)
 
         x = x + gate_msa[:, None] * attn_x
-        x = x + gate_mlp[:, None] * FeedForward(d, dt, pdt, name="ff")(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        x = x + gate_mlp[:, None] * FeedForward(d, dt, pdt, lora, name="ff")(modulate(layer_norm(x), shift_mlp, scale_mlp))
         x = constrain(x, ("batch", "length", "act_embed"))
         if self.context_pre_only:
             return (x, None), None
         c = c + c_gate_msa[:, None] * attn_c
         nc = modulate(layer_norm(c), c_shift_mlp, c_scale_mlp)
-        c = c + c_gate_mlp[:, None] * FeedForward(d, dt, pdt, name="ff_context")(nc)
+        c = c + c_gate_mlp[:, None] * FeedForward(d, dt, pdt, lora, name="ff_context")(nc)
         c = constrain(c, ("batch", None, "act_embed"))
         return (x, c), None
 
@@ -344,6 +353,7 @@ class ContentVTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    lora: LoraSpec | None = None  # LoRA adapters (a "lora" collection) on the Dense layers it targets
 
     def _check_inputs(self, latents, timestep, context, pooled) -> None:
         cfg = self.config
@@ -373,16 +383,16 @@ class ContentVTransformer(nn.Module):
         if self.remat_policy != "none":
             cls = nn.remat(cls, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=context_pre_only)
         if context_pre_only:
-            return cls(self.config, True, self.dtype, self.param_dtype, self.attention_impl, name=name)
+            return cls(self.config, True, self.dtype, self.param_dtype, self.attention_impl, self.lora, name=name)
         scanned = nn.scan(
             cls,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "lora": 0},  # the adapter stacks per layer like the params
             split_rngs={"params": True},
             in_axes=(nn.broadcast,),
             length=self.config.num_layers - 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        return scanned(self.config, False, self.dtype, self.param_dtype, self.attention_impl, name=name)
+        return scanned(self.config, False, self.dtype, self.param_dtype, self.attention_impl, self.lora, name=name)
 
     def _block0_modulated(self, x: jax.Array, temb: jax.Array) -> jax.Array:
         """Block 0's adaLN-modulated video input (TeaCache's signal), from its params (stacked under the scan)."""
@@ -406,9 +416,9 @@ class ContentVTransformer(nn.Module):
 
         x = PatchEmbed(p, cfg.in_channels, d, dt, pdt, name="pos_embed")(latents)  # [B, N, D]
         x = constrain(x, ("batch", "length", "act_embed"))
-        temb = CombinedTimestepTextProjEmbeddings(d, dt, pdt, name="time_text_embed")(timestep, pooled)  # [B, D]
+        temb = CombinedTimestepTextProjEmbeddings(d, dt, pdt, self.lora, name="time_text_embed")(timestep, pooled)  # [B, D]
         temb = constrain(temb, ("batch", "act_embed"))
-        c = _dense(d, ("joint", "embed"), dt, pdt, "context_embedder")(context.astype(dt))  # [B, L, D]
+        c = _dense(d, ("joint", "embed"), dt, pdt, "context_embedder", lora=self.lora)(context.astype(dt))  # [B, L, D]
         c = constrain(c, ("batch", None, "act_embed"))
 
         if mode == "probe":
@@ -423,8 +433,8 @@ class ContentVTransformer(nn.Module):
             (x, _), _ = self._block(True, "last_block")(carry, temb)
         residual = x - x_in
 
-        x = AdaLayerNormContinuous(d, dt, pdt, name="norm_out")(x, temb)
-        x = _dense(p * p * co, ("embed", "conv_out"), dt, pdt, "proj_out")(x)  # [B, N, p*p*C_out], (p, q, c)
+        x = AdaLayerNormContinuous(d, dt, pdt, self.lora, name="norm_out")(x, temb)
+        x = _dense(p * p * co, ("embed", "conv_out"), dt, pdt, "proj_out", lora=self.lora)(x)  # [B, N, p*p*C_out], (p, q, c)
         x = x.reshape(b, t, h, w, p, p, co).transpose(0, 1, 2, 4, 3, 5, 6)  # [B, T, h, p, w, q, C_out]
         x = x.reshape(b, t, hh, ww, co)
         return (x, residual) if mode == "compute" else x
