@@ -178,10 +178,9 @@ def step_item(path: str | Path, step: int | None = None) -> Path:
     raise FormatError(f"{path}: not a contentv_jax checkpoint (no numbered step dirs with a 'state' item)")
 
 
-def open_source(path: str | Path, ema: bool = False, step: int | None = None, config: Any = None) -> Source:
-    """The raw (or EMA) params of a checkpoint as a `Source` (contentv_common.formats.sources), leaf by leaf and
-    row by row, without restoring the train state or reading the optimizer state: for `python -m convert`.
-    The transformer config is read off the shapes unless `config` is given.
+def open_params(path: str | Path, ema: bool = False, step: int | None = None):
+    """The raw (or EMA) params of a checkpoint, leaf by leaf, without restoring the train state or reading the
+    optimizer state: (shapes {"a/b/kernel": shape}, dtypes, read_leaf_row(name, row | None) -> numpy array).
 
     Orbax's public API only: the shapes, dtypes and array names come from `metadata()`, and each leaf's
     tensorstore spec from `type_handlers.get_json_tspec_read` (orbax's own description of what it wrote).
@@ -223,7 +222,15 @@ def open_source(path: str | Path, ema: bool = False, step: int | None = None, co
             held["rows"] = np.asarray(arr[start:held["stop"]].read().result())
         return held["rows"][row - held["start"]]
 
-    shapes = {k: tuple(m.shape) for k, m in leaves.items()}
+    return ({k: tuple(m.shape) for k, m in leaves.items()}, {k: np.dtype(m.dtype) for k, m in leaves.items()},
+            read_leaf_row)
+
+
+def open_source(path: str | Path, ema: bool = False, step: int | None = None, config: Any = None) -> Source:
+    """The raw (or EMA) transformer params of a checkpoint as a `Source` (contentv_common.formats.sources) under
+    diffusers key names, read as `open_params` reads them: for `python -m convert`. The transformer config is read
+    off the shapes unless `config` is given."""
+    shapes, dtypes, read_leaf_row = open_params(path, ema, step)
     config = config if config is not None else infer_transformer_config_from_flax(shapes)
-    return source_from_flax_leaves("transformer", "orbax", Path(path).absolute(), config, shapes,
-                                   {k: np.dtype(m.dtype) for k, m in leaves.items()}, read_leaf_row)
+    return source_from_flax_leaves("transformer", "orbax", Path(path).absolute(), config, shapes, dtypes,
+                                   read_leaf_row)
