@@ -165,8 +165,8 @@ def part_parity(b: Bench) -> None:
     import jax.numpy as jnp
 
     from contentv_jax.transformer import ContentVTransformer
-    from convert.keymap import torch_to_flax
-    from convert.transformer_keys import transformer_rules
+    from contentv_common.formats.keymap import torch_to_flax
+    from contentv_common.formats.transformer_keys import transformer_rules
 
     params = torch_to_flax(((k, v.numpy()) for k, v in sd.items()), transformer_rules(cfg))
     params = jax.tree.map(lambda w: jnp.asarray(w, jnp.bfloat16), params)

@@ -7,6 +7,8 @@
                                                                    # 128, remat full / none, the config's attention
     python -m benchmarks.memory --grid full --json mem_full.json   # + smaller shapes, fsdp 128 / 256, save_attention
     python -m benchmarks.memory --model tiny --mesh fsdp=2 --shape 9x32x48 --remat full,none --json s.json  # smoke
+    python -m benchmarks.memory --mesh fsdp=8 --shape 125x480x832 --remat full --lora-rank 0,64 --json lora.json
+                                                                   # full fine-tuning vs LoRA rank 64, same mesh
 
 Nothing is allocated: the trainer's state (`contentv_jax.train.TrainState`: fp32 params, AdamW moments, EMA) is
 `jax.eval_shape`d, given the trainer's shardings (`sharding.logical_shardings`), and the trainer's jitted step
@@ -15,7 +17,10 @@ virtual CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`, set h
 row per (shape, mesh, remat policy) with the attention backend of `--attention` (default: the config's; "auto" is
 flash on CPU); the per-device batch is `--per-device-batch` (default 1), so the global batch is that times the
 mesh's batch shards. Columns (GiB per device):
-  state    - the train state's shard on one device, summed from its shardings (params + 2 moments + EMA, fp32);
+  state    - the train state's shard on one device, summed from its shardings (params + 2 moments + EMA, fp32),
+             plus a LoRA run's frozen base (`--lora-rank R`: the trainer's state is then the adapter, its AdamW
+             moments and EMA; the base params, in `--lora-base-dtype`, are a step input), split into
+             params (the trained params, or a LoRA run's base), adapter, AdamW (moments) and EMA;
   replicated - the part of `state` in arrays over 1M elements that no mesh axis divides, so every device holds
              them whole (`sharding.replicated_report`; contentv-8b's 2432-wide kernels on fsdp 256: 2432 = 128 x 19);
   args/out/alias/temp - XLA's CompiledMemoryStats; peak = args + out - alias + temp (donated state aliases);
@@ -86,8 +91,17 @@ def _state_bytes_per_device(abstract_state, shardings) -> int:
     return total
 
 
+def _tree_bytes_per_device(tree) -> int:
+    """Bytes of one device's shards of a tree of ShapeDtypeStructs carrying shardings."""
+    import jax
+    import numpy as np
+
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat: str, per_device_batch: int = 1,
-            dtype: str = "bfloat16", attention: str | None = None) -> dict:
+            dtype: str = "bfloat16", attention: str | None = None, lora_rank: int = 0,
+            lora_base_dtype: str = "bfloat16") -> dict:
     """Compile one training step on abstract inputs and return its per-device memory (see the module doc)."""
     import flax.linen as nn
     import jax
@@ -96,6 +110,7 @@ def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat:
 
     from contentv_common.config import get_preset
     from contentv_jax import configs as configs_lib
+    from contentv_jax import lora as lora_lib
     from contentv_jax import sharding as shd
     from contentv_jax import train as tr
     from contentv_jax.data import BATCH_KEYS, Bucket
@@ -106,14 +121,21 @@ def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat:
     with config.unlocked():
         config.remat_policy, config.dtype = remat, dtype
         config.attention_impl = attention or config.attention_impl
+        config.lora.rank, config.lora.base_dtype = lora_rank, lora_base_dtype
     mesh = shd.create_mesh(mesh_spec, devices=jax.devices()[: mesh_devices(mesh_spec)])
     model = tr.build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
 
     # the trainer's state, abstractly (train.create_train_state steps 1-2, nothing allocated)
-    boxed = jax.eval_shape(tr.train_state_init(model, tx, preset), jax.random.PRNGKey(0))
+    # (LoRA: the state is the adapter's; the frozen base is a step input, as contentv_jax.train passes it)
+    lora = model.lora is not None
+    boxed = jax.eval_shape(tr.train_state_init(model, tx, preset, "lora" if lora else "params"), jax.random.PRNGKey(0))
     shardings = shd.logical_shardings(boxed, mesh)
     state = tr.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+    base_args = ()
+    if lora:
+        base, base_shardings = lora_lib.abstract_base(model, preset, mesh, shd.DEFAULT_RULES, lora_lib.base_dtype(config))
+        base_args = (tr.abstract_with_shardings(base, base_shardings),)
 
     frames, height, width = shape
     t, h, w, c = Bucket(frames, height, width, 1).latent_shape(preset)
@@ -130,7 +152,7 @@ def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat:
 
     t0 = time.perf_counter()
     # The trainer's own jit (shardings, donation); LLVM optimisation off: buffer assignment happens before it.
-    compiled = cache.lower(state, abstract_batch).compile(FAST_COMPILE)
+    compiled = cache.lower(state, abstract_batch, *base_args).compile(FAST_COMPILE)
     compile_s = time.perf_counter() - t0
     m = compiled.memory_analysis()
     gib = float(1 << 30)
@@ -140,7 +162,12 @@ def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat:
         "model": model_name, "shape": f"{frames}x{height}x{width}", "latent": f"{t}x{h}x{w}", "mesh": mesh_spec,
         "devices": mesh.size, "remat": remat, "attention": config.attention_impl, "dtype": dtype, "global_batch": batch, "per_device_batch": per_device_batch,
         "video_tokens": tokens, "seq_len": seq,
-        "state_gib": _state_bytes_per_device(state, shardings) / gib,
+        "lora_rank": lora_rank, "base_dtype": lora_base_dtype if lora else "float32",
+        "state_gib": (_state_bytes_per_device(state, shardings) + sum(map(_tree_bytes_per_device, base_args))) / gib,
+        "params_gib": _tree_bytes_per_device(base_args[0] if lora else state.params) / gib,
+        "adapter_gib": _tree_bytes_per_device(state.params) / gib if lora else 0.0,
+        "adamw_gib": _tree_bytes_per_device(state.opt_state) / gib,
+        "ema_gib": _tree_bytes_per_device(state.ema_params) / gib,
         "replicated_gib": sum(b for _, _, b in shd.replicated_report(boxed, shardings)) / gib,
         "args_gib": m.argument_size_in_bytes / gib, "out_gib": m.output_size_in_bytes / gib,
         "alias_gib": m.alias_size_in_bytes / gib, "temp_gib": m.temp_size_in_bytes / gib,
@@ -155,7 +182,8 @@ def measure(model_name: str, shape: tuple[int, int, int], mesh_spec: str, remat:
 
 
 COLUMNS = [("shape", "frames x H x W"), ("mesh", "mesh"), ("attention", "attention"), ("remat", "remat"),
-           ("global_batch", "batch"), ("seq_len", "seq"), ("state_gib", "state GiB"),
+           ("lora_rank", "LoRA rank"), ("global_batch", "batch"), ("seq_len", "seq"), ("params_gib", "params GiB"),
+           ("adapter_gib", "adapter GiB"), ("adamw_gib", "AdamW GiB"), ("ema_gib", "EMA GiB"), ("state_gib", "state GiB"),
            ("replicated_gib", "replicated GiB"), ("temp_gib", "temp GiB"), ("host_temp_gib", "host temp GiB"),
            ("peak_gib", "peak GiB"), ("scores_gib", "1 score tensor GiB"), ("fits_64GB_npu", "fits 64 GB"),
            ("fits_80GB_h100", "fits 80 GB"), ("compile_s", "compile s")]
@@ -174,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
     ap.add_argument("--attention", default=None, help="attention backend (contentv_jax.attention.ATTENTION_IMPLS: "
                     "flash, xla, ring, ulysses, ...; default: the config's, auto = flash on CPU)")
+    ap.add_argument("--lora-rank", default="0", help="comma-separated LoRA ranks, one row each (0 = full "
+                    "fine-tuning; R > 0: rank-R adapters on the default targets over a frozen base)")
+    ap.add_argument("--lora-base-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="dtype of a LoRA run's frozen base (default bfloat16)")
     ap.add_argument("--json", type=str, default=None, help="write the rows + machine facts here (atomically)")
     args = ap.parse_args(argv)
 
@@ -183,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         meshes = list(args.mesh or (FULL_MESHES if full else DEFAULT_MESHES))
         remats = args.remat.split(",") if args.remat else list(FULL_REMATS if full else DEFAULT_REMATS)
         need = max(mesh_devices(m) for m in meshes)
+        ranks = [int(r) for r in args.lora_rank.split(",")]
+        if any(r < 0 for r in ranks):
+            raise ValueError(f"--lora-rank {args.lora_rank!r}: ranks must be >= 0")
         if args.per_device_batch < 1:
             raise ValueError("--per-device-batch must be >= 1")
     except ValueError as e:
@@ -202,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.attention is not None and args.attention not in ATTENTION_IMPLS:
         ap.error(f"--attention {args.attention!r} unknown; choose from {sorted(ATTENTION_IMPLS)}")
     rows = []
-    for s, m, r in tqdm([(s, m, r) for s in shapes for m in meshes for r in remats], desc="compile"):
-        row = measure(args.model, s, m, r, args.per_device_batch, args.dtype, args.attention)
+    for s, m, r, k in tqdm([(s, m, r, k) for s in shapes for m in meshes for r in remats for k in ranks], desc="compile"):
+        row = measure(args.model, s, m, r, args.per_device_batch, args.dtype, args.attention, k, args.lora_base_dtype)
         rows.append(row)
-        tqdm.write(f"{row['shape']} {m} {row['attention']} remat={r}: peak {row['peak_gib']:.1f} GiB/device "
+        tqdm.write(f"{row['shape']} {m} {row['attention']} remat={r} lora={k}: peak {row['peak_gib']:.1f} GiB/device "
                    f"(state {row['state_gib']:.1f}, temp {row['temp_gib']:.1f}), compiled in {row['compile_s']:.0f} s")
     print(f"\nper-device memory of a {args.model} training step ({args.dtype} compute, fp32 state), "
           f"XLA compiled memory analysis on {need} virtual CPU devices\n")

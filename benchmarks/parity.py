@@ -1,7 +1,7 @@
 """Numerical parity of the PyTorch and JAX models on one checkpoint folder.
 
     python -m benchmarks.parity --checkpoint DIR [--inputs IN.safetensors] [--output OUT.safetensors]
-                                [--dtype float32|bfloat16] [--seed 0]
+                                [--dtype float32|bfloat16] [--seed 0] [--lora LORA_CKPT_DIR]
 
 DIR is a diffusers-layout model folder (config.json + safetensors, single or sharded); its config's
 `_class_name` picks the runner in RUNNERS. Both frameworks run the folder's weights on the same inputs
@@ -17,6 +17,10 @@ rel_err = ||a - b|| / ||b|| per compared pair, and pass / fail against the toler
 --output writes the outputs (torch layout, float32) atomically: `torch`, `jax` for one output, `torch.<name>`,
 `jax.<name>` for several, plus `reference[.<name>]` (the torch fp32 output) in bfloat16 runs. Exit status 0 when
 every gated row passes, 1 otherwise, 2 on bad arguments or inputs.
+
+--lora (transformer folders): DIR is the base of a LoRA run whose checkpoint dir is LORA_CKPT_DIR; torch runs the base
+with the adapter merged into its weights (W + alpha/r B A, as `python -m convert --to torch --merge` writes), JAX runs
+the base with the unmerged adapter (the trainer's LoRA model): the parity of the two LoRA paths.
 
 Transformer folders (`SD3Transformer3DModel`, or an SD3.5 Large `SD3Transformer2DModel`: its learned 2D position table
 is not used): inputs keys `hidden_states` [B, C, T, H, W],
@@ -124,24 +128,38 @@ def random_transformer_inputs(cfg, seed: int, batch: int = 2, frames: int = 3, h
     }
 
 
-def run_transformer(folder: Path, inputs_path: Path | None, dtype: str, seed: int) -> list[ParityResult]:
+def run_transformer(folder: Path, inputs_path: Path | None, dtype: str, seed: int,
+                    lora: Path | None = None) -> list[ParityResult]:
     """torch `ContentVTransformer3DModel.from_pretrained(folder)` vs the Flax `ContentVTransformer` with the
     folder's weights through the key map; both compute in `dtype` (parameters cast to it); a bfloat16 run also
-    computes the torch fp32 reference."""
+    computes the torch fp32 reference. lora: a LoRA run's checkpoint dir, merged into the torch weights and applied
+    unmerged in JAX."""
     import jax
     import jax.numpy as jnp
     import torch
 
     from contentv_jax.transformer import ContentVTransformer
     from contentv_torch.transformer import ContentVTransformer3DModel
-    from convert.transformer_keys import transformer_params_from_folder
+    from contentv_common.formats.transformer_keys import transformer_params_from_folder
 
     cfg = ContentVTransformer3DModel.from_config_file(folder)
+    spec, adapter, adapter_torch = None, None, {}
+    if lora is not None:
+        from contentv_jax.lora import read_spec
+        from contentv_common.formats.keymap import flax_to_torch
+        from contentv_common.formats.peft_lora import lora_rules
+        from convert.lora import read_checkpoint_adapter
+
+        adapter, _ = read_checkpoint_adapter(lora)
+        spec = read_spec(lora)
+        adapter_torch = dict(flax_to_torch(adapter, lora_rules(cfg.num_layers)))
     inp = read_inputs(inputs_path, TRANSFORMER_INPUTS) if inputs_path else random_transformer_inputs(cfg, seed)
     t_in = {k: torch.from_numpy(v) for k, v in inp.items()}
 
     def torch_run(dt: str) -> np.ndarray:  # [B, C_out, T, H, W] float32
         model = ContentVTransformer3DModel.from_pretrained(folder, dtype=getattr(torch, dt))
+        if adapter_torch:
+            merge_lora_into(model, adapter_torch, spec.scale)
         try:
             model.check_inputs(**t_in)
         except ValueError as e:
@@ -155,15 +173,33 @@ def run_transformer(folder: Path, inputs_path: Path | None, dtype: str, seed: in
     jdt = jnp.dtype(dtype)
     _, params = transformer_params_from_folder(folder)
     params = jax.tree.map(lambda w: jnp.asarray(w, jdt), params)
-    jmodel = ContentVTransformer(cfg, dtype=jdt, param_dtype=jdt)
+    jmodel = ContentVTransformer(cfg, dtype=jdt, param_dtype=jdt, lora=spec)
+    variables = {"params": params} if adapter is None else {"params": params, "lora": adapter}
     # float32 means float32 matmuls on every backend (GPUs would otherwise use TF32).
     with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
         out = jax.jit(jmodel.apply)(
-            {"params": params}, inp["hidden_states"].transpose(0, 2, 3, 4, 1), inp["timestep"],
+            variables, inp["hidden_states"].transpose(0, 2, 3, 4, 1), inp["timestep"],
             inp["encoder_hidden_states"], inp["pooled_projections"],
         )  # [B, T, H, W, C_out]
     out_jax = np.asarray(out.astype(jnp.float32)).transpose(0, 4, 1, 2, 3)
-    return [ParityResult("transformer", out_torch, out_jax, reference)]
+    return [ParityResult("transformer" if lora is None else "lora", out_torch, out_jax, reference)]
+
+
+def merge_lora_into(model, adapter_torch: dict, scale: float) -> None:
+    """Merge an adapter ({"<module>.lora_A.weight": [r, in], ".lora_B.weight": [out, r]}) into a torch model's
+    Linear weights in place (`contentv_common.formats.peft_lora.merged_weight`, the --merge formula)."""
+    import torch
+
+    from contentv_common.formats.peft_lora import merged_weight
+
+    params = dict(model.named_parameters())
+    for key in adapter_torch:
+        if key.endswith(".lora_A.weight"):
+            m = key.removesuffix(".lora_A.weight")
+            w = params[f"{m}.weight"]
+            merged = merged_weight(w.detach().float().numpy(), adapter_torch[key], adapter_torch[f"{m}.lora_B.weight"], scale)
+            with torch.no_grad():
+                w.copy_(torch.from_numpy(merged).to(w.dtype))
 
 
 # ------------------------------------------------------------------------------------------ vae
@@ -192,7 +228,7 @@ def run_vae(folder: Path, inputs_path: Path | None, dtype: str, seed: int) -> li
     from contentv_common.weights import iter_tensors
     from contentv_jax.vae import WanVAE as FlaxWanVAE
     from contentv_torch.vae import WanVAE
-    from convert.vae_keys import vae_params_from_folder
+    from contentv_common.formats.vae_keys import vae_params_from_folder
 
     cfg = WanVAE.from_config_file(folder)
     inp = random_vae_inputs(cfg, seed)
@@ -252,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=output_file, help="write keys `torch` and `jax` here (.safetensors)")
     ap.add_argument("--dtype", default="float32", choices=sorted(TOLERANCES))
     ap.add_argument("--seed", type=nonneg_int, default=0, help="seed of the random inputs")
+    ap.add_argument("--lora", type=Path, default=None, help="a LoRA run's checkpoint dir whose base is --checkpoint: "
+                    "torch runs the merged model, JAX the base + adapter")
     add_debug_flag(ap)
     args = ap.parse_args(argv)
 
@@ -264,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"known: {sorted(RUNNERS)}")
         if args.inputs is not None and not args.inputs.is_file():
             raise FileNotFoundError(f"--inputs {args.inputs}: no such file")
-        results = RUNNERS[kind](args.checkpoint, args.inputs, args.dtype, args.seed)
+        if args.lora is not None and RUNNERS[kind] is not run_transformer:
+            raise ValueError(f"--lora applies to transformer folders; {args.checkpoint} holds a {kind}")
+        extra = {"lora": args.lora} if args.lora is not None else {}
+        results = RUNNERS[kind](args.checkpoint, args.inputs, args.dtype, args.seed, **extra)
     except (ValueError, FileNotFoundError) as e:
         ap.error(str(e))
 

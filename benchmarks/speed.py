@@ -392,8 +392,8 @@ def _jax_sampler_run(size, ref_mod, ref, inputs, sigmas, guidance, steps):
 
     from contentv_jax.sampler import make_sampler
     from contentv_jax.transformer import ContentVTransformer
-    from convert.keymap import torch_to_flax
-    from convert.transformer_keys import transformer_rules
+    from contentv_common.formats.keymap import torch_to_flax
+    from contentv_common.formats.transformer_keys import transformer_rules
 
     params = torch_to_flax(((k, v.numpy()) for k, v in ref_mod.reference_state_dict(ref).items()),
                            transformer_rules(size.transformer))

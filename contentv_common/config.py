@@ -48,7 +48,8 @@ def video_tokens(latent_shape, patch_size: int) -> int:
 
 # Diffusers keys of an SD3.5 transformer that ContentV drops on purpose: its learned 2D position table (ContentV adds
 # a fixed 3D sin-cos table instead). Loaders and converters skip them; every other key must match.
-IGNORED_TRANSFORMER_KEYS = ("pos_embed.pos_embed",)
+SD3_POS_EMBED_KEY = "pos_embed.pos_embed"
+IGNORED_TRANSFORMER_KEYS = (SD3_POS_EMBED_KEY,)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+import ml_dtypes
+import numpy as np
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -24,7 +27,10 @@ HF_WEIGHTS_NAME = "model.safetensors"
 HF_INDEX_NAME = "model.safetensors.index.json"
 
 
-# safetensors dtype tags -> numpy dtype names ("bfloat16" needs ml_dtypes imported to become a numpy dtype).
+# the floating dtypes a run or a conversion may be asked for by name (bfloat16 through ml_dtypes)
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+
+# safetensors dtype tags -> numpy dtype names (np.dtype("bfloat16") works once ml_dtypes is imported, as above).
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 

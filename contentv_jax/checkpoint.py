@@ -5,23 +5,35 @@ saves on SIGTERM / at the end. Each step directory holds two items: `state` (a s
 straight into the target shardings: no host ever holds all parameters) and `data` (the batch source's
 JSON `state()`). Orbax writes into a temporary directory and renames it, so a run killed mid-save
 keeps its previous checkpoint.
+
+This module is the one reader and writer of these checkpoints, through orbax's public API: the trainer
+(`Checkpointer`), `--init-from` (`Checkpointer.restore_params`) and `python -m convert` (`open_source`: the
+params of a step without a model, row by row) all go through it, so an orbax upgrade breaks or keeps all
+of them together.
 """
 from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
 
 from contentv_common.cli import UsageError, UserError
-
-
-class NotACheckpointError(ValueError):
-    """A path that holds no checkpoint of this trainer (or lacks the asked-for item); the message names it."""
+from contentv_common.formats.keymap import flatten
+from contentv_common.formats.sources import (
+    CHECKPOINT_STATE_ITEM,
+    FormatError,
+    Source,
+    infer_transformer_config_from_flax,
+    saved_steps,
+    source_from_flax_leaves,
+)
 
 
 class Checkpointer:
@@ -36,9 +48,12 @@ class Checkpointer:
         # orbax creates the directory: a new one is made at the first save, so a run that fails before it
         # leaves no empty checkpoint dir behind
         self._manager = self._open() if self.directory.is_dir() else None
+        # small files (name -> text) written next to the step dirs with the first save, when missing (a LoRA
+        # run's lora.json: what export and resume need to know about the adapter)
+        self.sidecars: dict[str, str] = {}
 
     def _open(self) -> ocp.CheckpointManager:
-        return ocp.CheckpointManager(self.directory, options=self._options, item_names=("state", "data"))
+        return ocp.CheckpointManager(self.directory, options=self._options, item_names=(CHECKPOINT_STATE_ITEM, "data"))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step() if self._manager is not None else None
@@ -50,17 +65,27 @@ class Checkpointer:
         """Start an (async) save of step `step` if the interval says so or `force`; True if one started."""
         if self._manager is None:
             self._manager = self._open()
+        if jax.process_index() == 0:
+            self._write_sidecars()
         return self._manager.save(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
             force=force,
         )
 
+    def _write_sidecars(self) -> None:
+        from contentv_common.weights import atomic_file
+
+        for name, text in self.sidecars.items():
+            if not (self.directory / name).is_file():
+                with atomic_file(self.directory / name) as tmp:
+                    tmp.write_text(text)
+
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """(state, data_state) of `step`; `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings."""
         if step not in self.all_steps():
             raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step}; have {self.all_steps()}")
-        check_state_matches(self.directory / str(step) / "state", abstract_state)
+        check_state_matches(self.directory / str(step) / CHECKPOINT_STATE_ITEM, abstract_state)
         out = self._manager.restore(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
@@ -78,7 +103,7 @@ class Checkpointer:
         target = {key: abstract_params}
         restore_args = jax.tree.map(
             lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), target)
-        item = self.directory / str(step) / "state"
+        item = self.directory / str(step) / CHECKPOINT_STATE_ITEM
         out = ocp.PyTreeCheckpointer().restore(
             item, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
         return out[key]
@@ -91,15 +116,6 @@ class Checkpointer:
         if self._manager is not None:
             self._manager.wait_until_finished()
             self._manager.close()
-
-
-def saved_steps(path: str | Path) -> list[int]:
-    """The steps of the orbax step directories of this trainer in `path` (numbered dirs with a `state` item),
-    read without orbax (which would create the folder)."""
-    path = Path(path)
-    if not path.is_dir():
-        return []
-    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and (p / "state").exists())
 
 
 def is_checkpoint_dir(path: str | Path) -> bool:
@@ -156,72 +172,65 @@ def step_item(path: str | Path, step: int | None = None) -> Path:
         step = steps[-1] if step is None else step
         if step not in steps:
             raise FileNotFoundError(f"{path}: no checkpoint at step {step}; have {steps}")
-        return path / str(step) / "state"
-    if (path / "state").is_dir():
-        return path / "state"
-    raise NotACheckpointError(f"{path}: not a contentv_jax checkpoint (no numbered step dirs with a 'state' item)")
+        return path / str(step) / CHECKPOINT_STATE_ITEM
+    if (path / CHECKPOINT_STATE_ITEM).is_dir():
+        return path / CHECKPOINT_STATE_ITEM
+    raise FormatError(f"{path}: not a contentv_jax checkpoint (no numbered step dirs with a 'state' item)")
 
 
-def open_params(path: str | Path, ema: bool = False, step: int | None = None
-                ) -> tuple[dict[str, tuple], dict[str, np.dtype], Callable[[str, int | None], np.ndarray]]:
-    """The raw (or EMA) params of a checkpoint, leaf by leaf, without restoring the train state: for converters.
+def open_params(path: str | Path, ema: bool = False, step: int | None = None):
+    """The raw (or EMA) params of a checkpoint, leaf by leaf, without restoring the train state or reading the
+    optimizer state: (shapes {"a/b/kernel": shape}, dtypes, read_leaf_row(name, row | None) -> numpy array).
 
-    Returns (shapes, dtypes, read_leaf_row), keyed by "/"-joined Flax paths; read_leaf_row(key, row) -> that
-    leaf's row `row` of its leading (scanned-layer) axis, or the whole leaf for row None, as numpy. Shapes come
-    from orbax's metadata; rows are read from the tensorstore array orbax wrote (a stacked fp32 leaf of
-    ContentV-8B, 5 GB, is never whole in memory), which orbax's restore API cannot do. Nothing else in the
-    project reads this layout, so an orbax upgrade that changes it breaks here, next to the writer."""
+    Orbax's public API only: the shapes, dtypes and array names come from `metadata()`, and each leaf's
+    tensorstore spec from `type_handlers.get_json_tspec_read` (orbax's own description of what it wrote).
+    A stacked leaf is read one stored chunk of rows at a time (a chunk is decoded whole, so reading row by
+    row would decode it once per row): the whole leaf when one device wrote it, a shard of layers when the
+    layer axis was sharded. A partial `restore` of one leaf would hold the whole leaf (3.5 GB for a stacked
+    fp32 leaf of ContentV-8B) and a copy of it."""
     item = step_item(path, step)
-    meta = ocp.PyTreeCheckpointer().metadata(item)
-    tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
-    tree = getattr(tree, "tree", tree)
-    key = "ema_params" if ema else "params"
+    meta = ocp.PyTreeCheckpointer().metadata(item).item_metadata
+    tree, key = meta.tree, "ema_params" if ema else "params"
     if not isinstance(tree, Mapping) or key not in tree:
         have = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
-        raise NotACheckpointError(f"{item}: training state has no {key!r} (has {have})"
-                                  + ("" if ema else "; pass --ema for EMA params"))
-    params_meta, prefix = tree[key], (key,)
-    if isinstance(params_meta, Mapping) and set(params_meta) == {"params"}:  # a {"params": {...}} variables dict
-        params_meta, prefix = params_meta["params"], (key, "params")
-    flat = _flatten(params_meta)
-    open_array = _array_opener(item)
-    opened: dict[str, Any] = {}
+        raise FormatError(f"{item}: training state has no {key!r} (has {have})"
+                          + ("" if ema else "; pass --ema for EMA params"))
+    params = tree[key]
+    if isinstance(params, Mapping) and set(params) == {"params"}:  # a {"params": {...}} variables dict
+        params = params["params"]
+    leaves = flatten(params)  # "a/b/kernel" -> ArrayMetadata
+    item_path = epath.Path(item)
+    use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(item_path)
+    context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 0}})  # no cache: hold only what was asked for
+    held: dict[str, Any] = {}  # the open leaf, and its rows [start, stop) last read
 
     def read_leaf_row(name: str, row: int | None) -> np.ndarray:
-        if name not in opened:  # one leaf open at a time
-            opened.clear()
-            opened[name] = open_array(".".join((*prefix, *name.split("/"))))
-        arr = opened[name]
-        return np.asarray((arr[row] if row is not None else arr).read().result())
+        if held.get("name") != name:  # one leaf at a time
+            held.clear()
+            info = ocp.type_handlers.ParamInfo(name=leaves[name].name, parent_dir=item_path,
+                                               path=item_path / leaves[name].name, is_ocdbt_checkpoint=use_ocdbt,
+                                               use_zarr3=meta.use_zarr3)
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
+            held.update(name=name, array=ts.open(spec, context=context, open=True).result(), start=0, stop=0)
+        arr = held["array"]
+        if row is None:
+            return np.asarray(arr.read().result())
+        if not held["start"] <= row < held["stop"]:
+            chunk = arr.chunk_layout.read_chunk.shape[0] or arr.shape[0]
+            start = row - row % chunk
+            held.update(start=start, stop=min(start + chunk, arr.shape[0]), rows=None)
+            held["rows"] = np.asarray(arr[start:held["stop"]].read().result())
+        return held["rows"][row - held["start"]]
 
-    return ({k: tuple(m.shape) for k, m in flat.items()}, {k: np.dtype(m.dtype) for k, m in flat.items()},
+    return ({k: tuple(m.shape) for k, m in leaves.items()}, {k: np.dtype(m.dtype) for k, m in leaves.items()},
             read_leaf_row)
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        name = f"{prefix}{k}"
-        out.update(_flatten(v, name + "/") if isinstance(v, Mapping) else {name: v})
-    return out
-
-
-def _array_opener(item: Path) -> Callable[[str], Any]:
-    """name -> opened tensorstore array of an orbax PyTree item (its `_METADATA` says zarr2/zarr3, OCDBT or not)."""
-    import json
-
-    import tensorstore as ts
-
-    meta = json.loads((item / "_METADATA").read_text())
-    driver = "zarr3" if meta.get("use_zarr3") else "zarr"
-    context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 0}})
-
-    def open_array(name: str):
-        if meta.get("use_ocdbt", True):
-            kv = {"driver": "ocdbt", "base": {"driver": "file", "path": f"{item}/"}, "path": name,
-                  "cache_pool": "cache_pool#ocdbt"}
-        else:
-            kv = {"driver": "file", "path": f"{item}/{name}/"}
-        return ts.open({"driver": driver, "kvstore": kv}, context=context, open=True).result()
-
-    return open_array
+def open_source(path: str | Path, ema: bool = False, step: int | None = None, config: Any = None) -> Source:
+    """The raw (or EMA) transformer params of a checkpoint as a `Source` (contentv_common.formats.sources) under
+    diffusers key names, read as `open_params` reads them: for `python -m convert`. The transformer config is read
+    off the shapes unless `config` is given."""
+    shapes, dtypes, read_leaf_row = open_params(path, ema, step)
+    config = config if config is not None else infer_transformer_config_from_flax(shapes)
+    return source_from_flax_leaves("transformer", "orbax", Path(path).absolute(), config, shapes, dtypes,
+                                   read_leaf_row)

@@ -1,7 +1,7 @@
 """CLIP in Flax (linen), the image-text model of reward models such as PickScore.
 
 Mirrors transformers `CLIPModel` (names, math, pooling) so a `save_pretrained` folder loads through
-`convert/clip_keys.py` with no renames beyond layout:
+`contentv_common/formats/clip_keys.py` with no renames beyond layout:
   vision: patch conv (no bias) -> [class token | patches] + position table -> pre-LN -> encoder -> LN of
           the class token (post-LN) -> visual projection;
   text:   token + position embeddings -> causal encoder -> final LN -> the state at the EOS token -> text

@@ -355,14 +355,14 @@ def _buckets(v):
     return None if ok else "must be a non-empty list of (frames, height, width, batch) positive integers"
 
 
-def _sigmas(v):
-    ok = len(v) > 0 and all(_number(s) and 0 <= s <= 1 for s in v) and len(set(v)) == len(v)
-    return None if ok else "must be a non-empty list of distinct noise levels in [0, 1]"
-
-
 def _targets(v):
     ok = len(v) > 0 and all(isinstance(t, str) and t.strip() for t in v)
     return None if ok else "must be a non-empty list of module-path patterns, e.g. ['attn/to_q', 'ff/proj_in']"
+
+
+def _sigmas(v):
+    ok = len(v) > 0 and all(_number(s) and 0 <= s <= 1 for s in v) and len(set(v)) == len(v)
+    return None if ok else "must be a non-empty list of distinct noise levels in [0, 1]"
 
 
 _FIELD_CHECKS = {
@@ -429,4 +429,5 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 _MISSING = object()
 # Fields naming inputs (empty = none); data.name is a dataset path unless "synthetic".
 _PATH_FIELDS = ("init_from", "lora.init", "data.name", "data.val_data", "eval.vae", "rlhf.reward",
-                "rlhf.reward_processor", "rlhf.vae", "rlhf.prompts")
+                "rlhf.reward_processor", "rlhf.vae",
+                "rlhf.prompts")

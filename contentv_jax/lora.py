@@ -41,7 +41,7 @@ DEFAULT_TARGETS = (
 _DIFFUSERS_PIECES = (("to_out.0", "to_out"), ("net.0.proj", "proj_in"), ("net.2", "proj_out"))
 # Top-level modules holding scanned / separate blocks: not part of a target's path.
 _BLOCK_PREFIXES = ("transformer_blocks", "last_block")
-SPEC_FILE = "lora.json"  # next to a LoRA run's checkpoints: rank, alpha, targets, base
+SPEC_FILE = "lora.json"  # written with a LoRA run's first checkpoint: rank, alpha, targets, base, num_layers
 
 
 def normalize_target(pattern: str) -> str:
@@ -141,32 +141,31 @@ def variables(params, base) -> dict:
     return {"params": params} if base is None else {"params": base, "lora": params}
 
 
-def init_base(model, dummy_inputs, rng):
-    """The base params of a LoRA model (its "params" collection), boxed (for eval_shape / shardings)."""
-    return model.init(rng, *dummy_inputs)["params"]
-
-
 # ----------------------------------------------------------------------------------------------
 # The JSON next to a LoRA run's checkpoints: what export and resume need to know.
 
 
-def write_spec(checkpoint_dir: str | Path, spec: LoraSpec, base: str, base_dtype: str, num_layers: int) -> None:
-    """Write (or check) <checkpoint_dir>/lora.json. An existing file with another rank / alpha / targets is an
-    error: the checkpoints there hold a differently shaped adapter."""
-    from contentv_common.weights import atomic_file
+def spec_record(spec: LoraSpec, base: str, base_dtype: str, num_layers: int) -> dict[str, Any]:
+    """The lora.json of a LoRA run: its spec, base model (path and dtype) and number of blocks."""
+    return {**spec.to_json(), "base": str(base), "base_dtype": base_dtype, "num_layers": int(num_layers)}
+
+
+def check_spec(checkpoint_dir: str | Path, spec: LoraSpec) -> None:
+    """A checkpoint dir holding another rank / alpha / targets (its lora.json) is an error: its checkpoints hold a
+    differently shaped adapter. A dir without lora.json but with checkpoints holds a full fine-tuning run."""
+    from contentv_jax.checkpoint import saved_steps
 
     path = Path(checkpoint_dir) / SPEC_FILE
-    record = {**spec.to_json(), "base": str(base), "base_dtype": base_dtype, "num_layers": int(num_layers)}
-    if path.is_file():
-        old = read_spec(path.parent)
-        if old != spec:
-            raise ValueError(f"{path}: this checkpoint dir holds a LoRA adapter of rank {old.rank}, alpha {old.alpha}, "
-                             f"targets {list(old.targets)}; the run asks for rank {spec.rank}, alpha {spec.alpha}, "
-                             f"targets {list(spec.targets)}. Use the same lora settings or another --checkpoint-dir")
+    if not path.is_file():
+        if Path(checkpoint_dir).is_dir() and saved_steps(checkpoint_dir):
+            raise ValueError(f"{checkpoint_dir} holds checkpoints of a full fine-tuning run (no {SPEC_FILE}); "
+                             f"a LoRA run needs its own --checkpoint-dir")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
+    old = read_spec(path.parent)
+    if old != spec:
+        raise ValueError(f"{path}: this checkpoint dir holds a LoRA adapter of rank {old.rank}, alpha {old.alpha:g}, "
+                         f"targets {list(old.targets)}; the run asks for rank {spec.rank}, alpha {spec.alpha:g}, "
+                         f"targets {list(spec.targets)}. Use the same lora settings or another --checkpoint-dir")
 
 
 def read_spec(checkpoint_dir: str | Path) -> LoraSpec:
@@ -190,8 +189,9 @@ def read_record(checkpoint_dir: str | Path) -> dict[str, Any]:
 
 def merge_params(base, adapter, scale: float):
     """Base params with each adapted kernel replaced by W + scale * A B (in W's dtype): the model the adapter makes,
-    as plain params (evaluation sampling, `python -m convert --merge`). Works on jax and numpy trees; stacked
-    (scanned) layers multiply row by row."""
+    as plain params in our tree (evaluation sampling, tests; `python -m convert --merge` merges in the torch layout,
+    tensor by tensor, with contentv_common.formats.peft_lora.merged_weight). Works on jax and numpy trees; stacked (scanned) layers
+    multiply row by row."""
     flat = flax.traverse_util.flatten_dict(base, sep="/")
     for mod, ab in flax.traverse_util.flatten_dict(adapter, sep="/", is_leaf=lambda _, v: "lora_A" in v).items():
         k = flat[f"{mod}/kernel"]
@@ -233,9 +233,8 @@ def load_base(config, model, preset, mesh, rules, *, checkpoint_dir=None, base_p
     adapted = check_targets(spec, abstract)
     if base_params is None and not config.init_from:
         raise ValueError("lora.rank > 0 trains an adapter on a base model: give it with --init-from")
-    if checkpoint_dir is not None and jax.process_index() == 0:
-        write_spec(checkpoint_dir, spec, str(Path(config.init_from).absolute()) if config.init_from
-                   else "(base params given by the program)", config.lora.base_dtype, preset.transformer.num_layers)
+    if checkpoint_dir is not None:
+        check_spec(checkpoint_dir, spec)
     if base_params is None:
         base = load_init_params(config.init_from, abstract, shardings)
     else:
@@ -251,7 +250,7 @@ def load_base(config, model, preset, mesh, rules, *, checkpoint_dir=None, base_p
 def init_adapter(path: str, state, state_shardings, spec: LoraSpec, num_layers: int):
     """`state` with its adapter (and the adapter's EMA) set from a diffusers / PEFT LoRA file (`--lora-init`):
     continue training an exported or third-party adapter. Its rank, alpha and modules must be the run's."""
-    from convert.lora import adapter_from_peft
+    from contentv_common.formats.peft_lora import adapter_from_peft
 
     want = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(state.params, sep="/").items()}
     adapter = adapter_from_peft(path, want, spec.rank, spec.alpha, num_layers)

@@ -21,6 +21,7 @@ import numpy as np
 
 from contentv_common.config import read_json
 from contentv_common.config import CLIPConfig
+from contentv_common.formats.clip_keys import clip_params_from_folder
 from contentv_jax.clip import CLIP, unit
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -99,8 +100,6 @@ class CLIPReward:
         """A transformers CLIPModel folder (+ a folder with `preprocessor_config.json` and the CLIPTokenizer
         files; default: the same folder) -> (reward, params of numpy arrays). Local files only."""
         from transformers import CLIPTokenizer
-
-        from convert.clip_keys import clip_params_from_folder
 
         folder = Path(folder)
         proc = Path(processor_folder) if processor_folder else folder

@@ -40,6 +40,7 @@ import numpy as np
 from contentv_common.cli import add_debug_flag, output_dir, output_file, positive_int, run_cli
 from contentv_common.config import ModelPreset, get_preset
 from contentv_common.dataset import read_prompt_embeddings
+from contentv_common.formats.vae_keys import vae_params_from_folder
 from contentv_common.latents import denormalize_latents
 from contentv_common.schedule import flow_match_sigmas
 from contentv_jax import configs as configs_lib
@@ -177,10 +178,10 @@ class RLHFObjective:
         return self.decode_and_score(frozen, self._sample(params, noise, batch, jnp.asarray(self.sigmas, jnp.float32)), batch["tokens"])
 
 
-def make_objective(config, model, vae, reward: RewardModel, prompts: PromptSet) -> RLHFObjective:
-    """The RLHFObjective of `config.rlhf` for `model` (the trainer's), the VAE module and the reward model;
-    the unconditional embeddings come from `prompts`."""
-    r, preset = config.rlhf, get_preset(config.model)
+def make_objective(config, preset: ModelPreset, model, vae, reward: RewardModel, prompts: PromptSet) -> RLHFObjective:
+    """The RLHFObjective of `config.rlhf` for `model` (the trainer's, of `preset`), the VAE module and the reward
+    model; the unconditional embeddings come from `prompts`."""
+    r = config.rlhf
     n = int(r.rollout_steps)
     lo, hi = (int(v) for v in r.grad_window)
     if not 0 <= lo <= hi < n:
@@ -238,8 +239,6 @@ def load_vae(r, preset: ModelPreset, seed: int):
     from contentv_jax.vae import WanVAE, param_shapes
 
     if r.vae:
-        from convert.vae_keys import vae_params_from_folder
-
         cfg, params = vae_params_from_folder(r.vae)
         if cfg != preset.vae:
             raise ValueError(f"rlhf.vae {r.vae}: config {cfg} differs from the preset's {preset.vae}")
@@ -266,7 +265,8 @@ def place(tree, mesh, rules, batch_axis: bool = True):
         x = np.asarray(x)
         if not batch_axis:
             return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        return jax.make_array_from_process_local_data(shd.batch_sharding(mesh, x.ndim, rules), x)
+        global_shape = (x.shape[0] * shd.batch_slot(mesh, rules)[1], *x.shape[1:])
+        return jax.make_array_from_process_local_data(shd.batch_sharding(mesh, x.ndim, rules), x, global_shape)
 
     return jax.tree.map(put, tree)
 
@@ -319,9 +319,12 @@ def rlhf(config, *, mesh_spec: str | None = None, mesh: jax.sharding.Mesh | None
     ckpt = Checkpointer(checkpoint_dir, config.keep_checkpoints, config.checkpoint_every) if checkpoint_dir else None
     start = resume_step(resume, ckpt)  # a bad --resume fails before any work
     mesh = mesh or shd.create_mesh(mesh_spec if mesh_spec is not None else config.mesh)
-    pi, pc = jax.process_index(), jax.process_count()
+    pi, pc = shd.batch_slot(mesh, rules)  # this process's share of every batch (processes may share one)
     if r.batch % shd.batch_divisor(mesh, rules) or r.batch % pc:
         raise ValueError(f"rlhf.batch {r.batch} does not divide over the {shd.batch_divisor(mesh, rules)} batch shards")
+    if config.lora.rank:
+        raise ValueError(f"lora.rank={config.lora.rank}: RLHF trains the full model; LoRA is the trainer's "
+                         f"(python -m contentv_jax.train --lora-rank)")
     model = build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
     state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules, compiler_options)
@@ -332,8 +335,9 @@ def rlhf(config, *, mesh_spec: str | None = None, mesh: jax.sharding.Mesh | None
     train_prompts, heldout = prompts.split(r.num_heldout)
     vae, vae_params = load_vae(r, preset, config.seed)
     frozen = place({"vae": vae_params, "reward": reward_params}, mesh, rules, batch_axis=False)
-    obj = make_objective(config, model, vae, reward_model, prompts)
-    writer = MetricsWriter(metrics_file, Path(metrics_file).parent / "tb" if metrics_file else None, enabled=pi == 0)
+    obj = make_objective(config, preset, model, vae, reward_model, prompts)
+    writer = MetricsWriter(metrics_file, Path(metrics_file).parent / "tb" if metrics_file else None,
+                           enabled=jax.process_index() == 0)
     log(f"rlhf {config.model}: {len(train_prompts.prompts)} train / {len(heldout.prompts)} held-out prompts, "
         f"batch {r.batch} x {obj.latent_shape}, k in {list(obj.grad_window)} of {len(obj.sigmas) - 1}, lam {r.lam}, "
         f"fm every {r.fm_every}, mesh {dict(mesh.shape)}")

@@ -26,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from contentv_common.cli import UsageError, UserError
+from contentv_common.formats.sources import FormatError, iter_params
 from contentv_jax import sharding as shd
 from contentv_jax.checkpoint import Checkpointer, check_resume, is_checkpoint_dir
+from contentv_jax.checkpoint import open_source as checkpoint_source
 
 
 class NonFiniteError(UserError):
@@ -87,8 +89,9 @@ def abstract_with_shardings(tree, shardings):
 def load_init_params(path: str, abstract_params, shardings):
     """Params [the model's tree, in the dtypes of `abstract_params`, placed by `shardings`] from `--init-from`: an earlier stage's checkpoint
     dir of this trainer (its raw params, restored shard by shard), or any transformer format `python -m convert`
-    reads (`convert.formats.iter_params`): a diffusers ContentV / SD3.5 folder (model_index.json + transformer/),
-    a `transformer/` folder, our JAX-format folder, an SD3.5 original single file. Leaves stream one at a time
+    reads (`contentv_common.formats.sources.iter_params`): a diffusers ContentV / SD3.5 folder (model_index.json +
+    transformer/), a `transformer/` folder, our JAX-format folder, an SD3.5 original single file, one step dir of
+    a checkpoint. Leaves stream one at a time
     onto their devices; every missing, unexpected or mis-shaped key is named before any is read."""
     if is_checkpoint_dir(path):
         ckpt = Checkpointer(path, every=1, async_save=False)
@@ -98,8 +101,6 @@ def load_init_params(path: str, abstract_params, shardings):
             ckpt.close()
     from tqdm.auto import tqdm
 
-    from convert.formats import FormatError, iter_params
-
     src = Path(path)
     if (src / "model_index.json").is_file():  # a whole ContentV / SD3.5 model folder: its transformer
         src = src / "transformer"
@@ -107,7 +108,8 @@ def load_init_params(path: str, abstract_params, shardings):
     flat_sh = flax.traverse_util.flatten_dict(shardings, sep="/")
     placed = {}
     try:
-        leaves = iter_params(src, dtype="float32", expected={k: tuple(v.shape) for k, v in flat_want.items()})
+        leaves = iter_params(src, dtype="float32", expected={k: tuple(v.shape) for k, v in flat_want.items()},
+                             openers={"orbax": checkpoint_source})  # one step dir of a checkpoint
         for _, key, leaf in tqdm(leaves, total=len(flat_want), desc="--init-from", unit="tensor",
                                  disable=jax.process_index() != 0):
             placed[key] = jax.device_put(np.asarray(leaf, flat_want[key].dtype), flat_sh[key])

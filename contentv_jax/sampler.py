@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from contentv_common.config import ModelPreset
+from contentv_common.formats.vae_keys import vae_params_from_folder
 from contentv_common.latents import denormalize_latents
 from contentv_common.schedule import NUM_TRAIN_TIMESTEPS, flow_match_sigmas
 from contentv_common.step_cache import CachePolicy, skip_rule
@@ -139,8 +140,6 @@ class EvalSampler:
         self.sigmas = jnp.asarray(flow_match_sigmas(int(eval_cfg.num_steps), float(eval_cfg.shift),
                                                   grid=str(eval_cfg.sigma_grid)))
         if eval_cfg.vae:
-            from convert.vae_keys import vae_params_from_folder
-
             vae_cfg, vae_params = vae_params_from_folder(eval_cfg.vae)
         else:
             vae_cfg = preset.vae

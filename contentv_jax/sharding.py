@@ -266,6 +266,26 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules=DEFAULT_RULES) -> j
     return jax.sharding.NamedSharding(mesh, spec)
 
 
+def batch_slot(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> tuple[int, int]:
+    """(index, count): which of the `count` equal row ranges of every global batch this process feeds.
+
+    The rows a process feeds are those its devices hold under the batch sharding. When the batch axes span the
+    processes, each feeds its own range (count = process count); when a mesh axis the batch is not split over
+    spans them (e.g. --mesh context=8 over two 4-device hosts), processes holding the same rows form one slot
+    and must read the same data, or the 'replicated' global batch would differ between hosts.
+    """
+    n = batch_divisor(mesh, rules)
+    rows: dict[int, set] = {}
+    for device, index in batch_sharding(mesh, 1, rules).devices_indices_map((n,)).items():
+        rows.setdefault(device.process_index, set()).update(range(*index[0].indices(n)))
+    slots = sorted({tuple(sorted(r)) for r in rows.values()})
+    size = len(slots[0])
+    if any(len(s) != size or s != tuple(range(s[0], s[0] + size)) for s in slots) or len(slots) * size != n:
+        raise ValueError(f"mesh {dict(mesh.shape)}: the batch shards of the processes are not equal contiguous ranges "
+                         f"({slots}); order the mesh so each process holds whole batch shards")
+    return slots.index(tuple(sorted(rows[jax.process_index()]))), len(slots)
+
+
 def batch_divisor(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> int:
     """How many shards the batch axis is split into (global batch sizes must be multiples of it)."""
     axes = batch_sharding(mesh, 1, rules).spec[0]

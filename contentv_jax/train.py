@@ -14,6 +14,7 @@ contentv_jax.validation), `main` (the CLI).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from contentv_common.cli import (add_debug_flag, comma_list, nonneg_float, nonne
                                  positive_int, probability, run_cli)
 from contentv_common.config import ModelPreset, get_preset
 from contentv_common.dataset import ON_CORRUPT
+from contentv_common.weights import DTYPES
 from contentv_jax import configs as configs_lib
 from contentv_jax import lora as lora_lib
 from contentv_jax import sharding as shd
@@ -55,7 +57,7 @@ from contentv_jax.sampler import EvalSampler
 from contentv_jax.validation import Validator, validation_set
 
 PROG = "python -m contentv_jax.train"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = ("float32", "bfloat16")  # of contentv_common.weights.DTYPES; float16 would need loss scaling
 
 
 @flax.struct.dataclass
@@ -76,13 +78,13 @@ class TrainState:
     skipped: jax.Array
 
 
-def build_model(config, preset: ModelPreset | None = None):
-    """The linen ContentVTransformer of `config.model` (compute dtype, fp32 params, remat, attention impl)."""
+def build_model(config, preset: ModelPreset):
+    """The linen ContentVTransformer of `preset` (`config.model`'s) with the config's compute dtype (fp32 params),
+    remat and attention impl."""
     from contentv_jax.transformer import ContentVTransformer
 
-    preset = preset or get_preset(config.model)
-    if config.dtype not in DTYPES:
-        raise ValueError(f"config.dtype {config.dtype!r} unknown; choose one of {sorted(DTYPES)}")
+    if config.dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"config.dtype {config.dtype!r} unknown; choose one of {sorted(COMPUTE_DTYPES)}")
     return ContentVTransformer(
         preset.transformer, dtype=DTYPES[config.dtype], param_dtype=jnp.float32,
         remat_policy=config.remat_policy, attention_impl=config.attention_impl, lora=lora_lib.spec_from_config(config),
@@ -167,7 +169,8 @@ def make_train_step(model, tx, config, patch_size: int, null_text: tuple | None 
     null_context, null_pooled = (np.asarray(x, np.float32) for x in null_text) if p_drop > 0 else (None, None)
 
     def loss_fn(params, micro, rng, base):
-        return flow_matching_loss(apply_fn_of(model, base), params, micro, rng, config.flow, patch_size)[0]
+        apply_fn = apply_fn_of(model, base)
+        return flow_matching_loss(apply_fn, params, micro, rng, config.flow, patch_size)[0]
 
     def step_fn(state: TrainState, batch: dict, base=None):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -204,20 +207,22 @@ def batch_shardings(mesh, rules=shd.DEFAULT_RULES) -> dict:
 
 
 def place_batch(batch: dict, mesh, rules=shd.DEFAULT_RULES) -> dict:
-    """Process-local numpy rows -> global jax.Arrays sharded over the batch axes (multi-host safe)."""
+    """Process-local numpy rows (this process's `shd.batch_slot` of the global batch) -> global jax.Arrays sharded
+    over the batch axes (multi-host safe)."""
     missing = [n for n in BATCH_KEYS if n not in batch]
     if missing:
         raise ValueError(f"batch lacks {missing}; a batch holds {BATCH_KEYS}")
     div = shd.batch_divisor(mesh, rules)
+    slots = shd.batch_slot(mesh, rules)[1]
     out = {}
     for n, sharding in batch_shardings(mesh, rules).items():
         x = np.asarray(batch[n], np.float32)
         if x.ndim != BATCH_NDIMS[n]:
             raise ValueError(f"batch[{n!r}] has shape {x.shape}; expected {BATCH_NDIMS[n]} dims (see contentv_jax.data)")
-        global_b = x.shape[0] * jax.process_count()
+        global_b = x.shape[0] * slots
         if global_b % div:
             raise ValueError(f"global batch {global_b} ({n} {x.shape}) does not divide over the {div} batch shards of the mesh")
-        out[n] = jax.make_array_from_process_local_data(sharding, x)
+        out[n] = jax.make_array_from_process_local_data(sharding, x, (global_b, *x.shape[1:]))
     return out
 
 
@@ -271,22 +276,26 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     ckpt = Checkpointer(checkpoint_dir, config.keep_checkpoints, config.checkpoint_every) if checkpoint_dir else None
     start = resume_step(resume, ckpt)  # a bad --resume fails before any work
     mesh = mesh or shd.create_mesh(mesh_spec if mesh_spec is not None else config.mesh)
-    val_set = validation_set(config, preset, mesh, rules, jax.process_index(), jax.process_count())  # checked first
+    val_set = validation_set(config, preset, mesh, rules, *shd.batch_slot(mesh, rules))  # checked before any work
     model = build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
+    base = None if model.lora is None else lora_lib.load_base(  # (checks the targets first)
+        config, model, preset, mesh, rules, checkpoint_dir=checkpoint_dir, base_params=base_params, log=log)
+    if base is not None and ckpt is not None:  # lora.json, written next to the first checkpoint
+        record = lora_lib.spec_record(model.lora, Path(config.init_from).absolute() if config.init_from else
+                                      "(base params given by the program)", config.lora.base_dtype, preset.transformer.num_layers)
+        ckpt.sidecars[lora_lib.SPEC_FILE] = json.dumps(record, indent=2) + "\n"
     state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules, compiler_options,
                                                 collection="params" if model.lora is None else "lora")
-    base = None if model.lora is None else lora_lib.load_base(
-        config, model, preset, mesh, rules, checkpoint_dir=checkpoint_dir, base_params=base_params, log=log)
-    source = source or make_source(config, preset, jax.process_index(), jax.process_count())
+    source = source or make_source(config, preset, *shd.batch_slot(mesh, rules))
     unreadable = source.corruption_counts().get("data_unreadable_records", 0)
     if unreadable:  # data.on_corrupt="skip" (with "error" the source raised, naming the shard)
         log(f"data: SKIPPING {unreadable} records of unreadable shards {source.unreadable_shards()} (data.on_corrupt=skip)")
     writer = MetricsWriter(metrics_file, tb_dir or (Path(metrics_file).parent / "tb" if metrics_file else None),
                            enabled=jax.process_index() == 0)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    log(f"model {config.model} ({n_params:,} {'adapter ' if base is not None else ''}params) stage {config.stage or '-'} mesh {dict(mesh.shape)} "
-        f"buckets {list(config.data.buckets)} steps {config.steps}")
+    log(f"model {config.model} ({n_params:,} {'adapter ' if base is not None else ''}params) stage "
+        f"{config.stage or '-'} mesh {dict(mesh.shape)} buckets {list(config.data.buckets)} steps {config.steps}")
     state = resume_or_init(state, state_shardings, step=start, ckpt=ckpt,
                            init_from=config.init_from if base is None else None,  # LoRA: the base is not the state
                            restore_data=source.restore, writer=writer, log=log)
@@ -296,13 +305,11 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     eval_model = model if base is None else model.clone(lora=None)  # LoRA: samples with the merged params
     evaluator = _evaluator(config, eval_model, preset, source, Path(metrics_file).parent if metrics_file
                            else Path(checkpoint_dir or "."), log)
-    validator = None
-    if val_set is not None and base is None:
-        validator = Validator(val_set, apply_fn_of(model), state_shardings.params, mesh, rules, config, compiler_options)
-    elif val_set is not None:  # LoRA: the validation loss of base + adapter, both read as (adapter, base)
-        validator = Validator(val_set, lambda ab, *a: apply_fn_of(model, ab[1])(ab[0], *a),
-                              (state_shardings.params, jax.tree.map(lambda x: x.sharding, base)), mesh, rules, config,
-                              compiler_options)
+    # (LoRA: the validation loss of the base + adapter variables, both read with their own shardings)
+    validator = None if val_set is None else Validator(
+        val_set, apply_fn_of(model) if base is None else model.apply, state_shardings.params if base is None
+        else lora_lib.variables(state_shardings.params, jax.tree.map(lambda x: x.sharding, base)), mesh, rules,
+        config, compiler_options)
     steps_cache = StepCache(make_train_step(model, tx, config, preset.transformer.patch_size, _null_text(config, source, log)),
                             state_shardings, mesh, rules, compiler_options)
     transformer, text_tokens = preset.transformer, preset.text.context_tokens
@@ -314,7 +321,7 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     merge = jax.jit(lambda b, a: lora_lib.merge_params(b, a, model.lora.scale)) if base is not None else None
 
     def validate(step, state):  # the raw params, as the training loss (contentv_jax.validation says why)
-        metrics = validator(state.params if base is None else (state.params, base), step)
+        metrics = validator(state.params if base is None else lora_lib.variables(state.params, base), step)
         writer.write(step, metrics)
         log(validator.describe(step, metrics))
 
@@ -328,7 +335,8 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
                 log(f"eval: wrote {len(paths)} samples to {paths[0].parent}")
 
     loop = Loop(
-        steps_cache, config.steps, next_args=lambda step: (place_batch(source.next(), mesh, rules),) + ((base,) if base is not None else ()),
+        steps_cache, config.steps,
+        next_args=lambda step: (place_batch(source.next(), mesh, rules),) + ((base,) if base is not None else ()),
         data_state=source.state, log_line=_log_line, writer=writer, log=log, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, max_nonfinite=config.max_nonfinite, ckpt=ckpt, work=work,
         peak_flops=peak_flops(jax.devices()[0].device_kind, config.peak_tflops_per_device) * jax.device_count(),

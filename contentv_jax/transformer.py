@@ -4,7 +4,7 @@ Mirrors `contentv_torch/transformer.py` class for class (diffusers `SD3Transform
 Flax tree differs only where Flax is idiomatic: kernels are [in, out] (conv kernels HWIO), norm gains
 are `scale`, and the first num_layers - 1 blocks are one `nn.scan` over stacked parameters (leading
 "layers" axis) under `transformer_blocks`, the last (context_pre_only) block standing apart as
-`last_block`. `convert/transformer_keys.py` maps the two trees onto each other.
+`last_block`. `contentv_common/formats/transformer_keys.py` maps the two trees onto each other.
 
 Shapes: B batch, T latent frames, H x W latent pixels, C channels, p patch, h = H/p, w = W/p,
 N = T*h*w video tokens, L text tokens, D = inner_dim = heads * head_dim.

@@ -2,7 +2,7 @@
 
 Mirrors `contentv_torch/vae.py` class for class (diffusers `AutoencoderKLWan` math); the Flax tree differs
 only where Flax is idiomatic: conv kernels are DHWIO / HWIO, RMS-norm gains are `scale` of shape [C]
-(diffusers' gamma is [C, 1, 1, 1] / [C, 1, 1]), module lists are `name_{i}`. `convert/vae_keys.py` maps
+(diffusers' gamma is [C, 1, 1, 1] / [C, 1, 1]), module lists are `name_{i}`. `contentv_common/formats/vae_keys.py` maps
 the two trees onto each other.
 
 Shapes: B batch, F video frames (4k + 1), H x W pixels, T = k + 1 latent frames, h x w = H/8 x W/8,

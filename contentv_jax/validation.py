@@ -1,11 +1,11 @@
 """Validation loss: the flow-matching loss on held-out records at fixed noise levels and fixed noise.
 
-A number two runs can be compared by (SD3 paper, section 5.1): every `eval.every` steps (and at step 0 and the
-last step) the trainer evaluates, for each validation record r and each noise level s_k of `eval.val_sigmas`,
+A number two runs can be compared by (the SD3 paper tracks one like it): every `eval.every` steps (and at step 0
+and the last step) the trainer evaluates, for each validation record r and each noise level s_k of `eval.val_sigmas`,
     mse(r, k) = mean((v_theta(x_{s_k}, 1000 s_k, text_r) - (eps_{r,k} - x0_r))^2),  x_s = (1 - s) x0 + s eps,
-weighted as training weights it (`flow.loss_weighting`), with eps_{r,k} drawn from
-fold_in(fold_in(PRNGKey(eval.val_seed), r), k): the noise depends on nothing but (val_seed, record id, sigma
-index), never on the batch a record lands in, the mesh, the process count, --seed or a resume. The sigmas are
+weighted as training weights it (`flow.loss_weighting`), with eps_{r,k} drawn from a key folded from
+PRNGKey(eval.val_seed), the record id r (its index in the dataset manifest) and k: the noise depends on nothing
+else, never on the batch a record lands in, the mesh, the process count, --seed or a resume. The sigmas are
 used as given (no schedule shift), so `val_loss/sigma_0.5000` means the same noise level in every run.
 Metrics: `val_loss/sigma_<s>` = the mean over records at s_k; `val_loss` = the mean of those over the sigmas.
 
@@ -49,7 +49,8 @@ class ValidationSet:
     val_fraction: None = every readable record; else only those `held_out` by this fraction (the training source
     leaves them out). Of those, the first `max_records` (0: all) in manifest order are kept.
     Batches: per bucket (sorted), `batch` records each; the last batch of a bucket is padded with its last record
-    (`batches()` says how many rows are real). Process p of n reads rows [p B/n, (p+1) B/n) of each batch only.
+    (`batches()` says how many rows are real). process_index / process_count: this process's batch slot
+    (`sharding.batch_slot`, as the training source gets): slot p of n reads rows [p B/n, (p+1) B/n) of each batch.
     `what` names the set in errors (the flag or config field it came from).
     """
 
@@ -74,13 +75,14 @@ class ValidationSet:
         if not kept:
             raise ValueError(f"{what}: dataset {path} has no validation records")
         if batch < 1 or batch % process_count:
-            raise ValueError(f"eval.val_batch={batch}: must be a positive multiple of the {process_count} processes")
+            raise ValueError(f"eval.val_batch={batch}: must be a positive multiple of the {process_count} batch slots")
         self.batch, self.process_index, self.process_count = batch, process_index, process_count
         self._batches = []
         for bucket, bucket_ids in sorted(self.ds.records_by_bucket(kept).items()):
             for j in range(0, len(bucket_ids), batch):
                 chunk = bucket_ids[j:j + batch]
-                self._batches.append((bucket, np.asarray(chunk + chunk[-1:] * (batch - len(chunk)), np.int64), len(chunk)))
+                padded = np.asarray(chunk + chunk[-1:] * (batch - len(chunk)), np.int64)
+                self._batches.append((bucket, padded, len(chunk)))
         self.ids = [int(i) for _, padded, real in self._batches for i in padded[:real]]  # the records, evaluation order
 
     def batches(self) -> list[tuple[tuple[int, int, int], np.ndarray, int]]:
@@ -105,7 +107,8 @@ class ValidationSet:
 
 def validation_set(config, preset: ModelPreset, mesh, rules=shd.DEFAULT_RULES, process_index: int = 0,
                    process_count: int = 1) -> ValidationSet | None:
-    """The `ValidationSet` of a train config (`data.val_data` or `data.val_fraction`), or None when neither is set.
+    """The `ValidationSet` of a train config (`data.val_data` or `data.val_fraction`), or None when neither is set;
+    process_index / process_count: this process's `sharding.batch_slot`.
     Built before the model, so a bad validation set stops the run before any work: a bad combination of fields is a
     UsageError, a bad dataset a FileNotFoundError / ValueError naming it."""
     val_data, fraction = config.data.get("val_data", ""), float(config.data.get("val_fraction", 0.0))
@@ -119,7 +122,7 @@ def validation_set(config, preset: ModelPreset, mesh, rules=shd.DEFAULT_RULES, p
     divisor = shd.batch_divisor(mesh, rules)
     batch = int(config.eval.val_batch) or divisor
     if batch % divisor:
-        raise ValueError(f"eval.val_batch={batch} does not divide over the {divisor} batch shards of the mesh")
+        raise UsageError(f"eval.val_batch={batch} does not divide over the {divisor} batch shards of the mesh")
     common = dict(max_records=int(config.eval.val_max_records), process_index=process_index,
                   process_count=process_count)
     if val_data:
@@ -175,15 +178,18 @@ class Validator:
         self.history: list[dict] = []
 
     def _place(self, rows: dict) -> dict:
-        return {k: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, VAL_ARRAYS[k], self.rules), v)
+        """This process's rows (`ValidationSet.read`) -> global arrays [B, ...] sharded over the batch axes."""
+        b = self.val_set.batch
+        return {k: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, VAL_ARRAYS[k], self.rules), v,
+                                                          (b, *v.shape[1:]))
                 for k, v in rows.items()}
 
     def _compiled(self, params, batch):
         key = StepCache.key(batch)
         if key not in self.compiled:
             replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-            jitted = jax.jit(self.step_fn, in_shardings=(self.param_shardings, jax.tree.map(lambda x: x.sharding, batch)),
-                             out_shardings=replicated)
+            in_shardings = (self.param_shardings, jax.tree.map(lambda x: x.sharding, batch))
+            jitted = jax.jit(self.step_fn, in_shardings=in_shardings, out_shardings=replicated)
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
                 self.compiled[key] = jitted.lower(params, batch).compile(self.compiler_options)
         return self.compiled[key]
@@ -204,7 +210,8 @@ class Validator:
 
     def __call__(self, params, step: int) -> dict[str, float]:
         per_sigma = self.per_record(params).mean(axis=0)  # [S]
-        metrics = {"val_loss": float(per_sigma.mean()), **{sigma_name(s): float(v) for s, v in zip(self.sigmas, per_sigma)}}
+        metrics = {"val_loss": float(per_sigma.mean()),
+                   **{sigma_name(s): float(v) for s, v in zip(self.sigmas, per_sigma)}}
         self.history.append({"step": int(step), **metrics})
         return metrics
 

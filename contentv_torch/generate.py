@@ -26,10 +26,12 @@ from contentv_common.cli import (UsageError, add_debug_flag, finite_float, guida
 from contentv_common.schedule import SIGMA_GRIDS
 from contentv_common.step_cache import POLICIES, check_truncation, make_policy, parse_interval, read_calibration
 from contentv_common.video_io import check_writable, write_mp4
+from contentv_common.weights import DTYPES as WEIGHT_DTYPES
 from contentv_torch.pipeline import ContentVPipeline, free_memory, read_model_info
 
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+# --dtype: the dtype names of contentv_common.weights, their short forms, and auto
+DTYPES = {"auto": None, **{name: getattr(torch, name) for name in WEIGHT_DTYPES},
+          "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 log = logging.getLogger("contentv_torch.generate")
 PROG = "python -m contentv_torch.generate"
 

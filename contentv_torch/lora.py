@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
-TRANSFORMER_PREFIX = "transformer."
+from contentv_common.formats.peft_lora import METADATA_KEY
+from contentv_common.formats.peft_lora import PREFIX as TRANSFORMER_PREFIX
+
 _OTHER_COMPONENTS = ("text_encoder.", "text_encoder_2.", "text_encoder_3.", "unet.")
 _PEFT_MODEL_PREFIX = "base_model.model."
 # <module>.<suffix> -> (factor, tensor): the PEFT names and kohya's lora_down / lora_up spellings.

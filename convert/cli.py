@@ -5,7 +5,8 @@ import argparse
 import logging
 
 from contentv_common.cli import UsageError, add_debug_flag, nonneg_int, positive_float, run_cli
-from convert.formats import DTYPES, FORMATS
+from contentv_common.formats.sources import FORMATS
+from contentv_common.weights import DTYPES
 
 PROG = "python -m convert"
 
@@ -17,7 +18,7 @@ outputs:
   --to torch   diffusers layout: config.json + diffusion_pytorch_model*.safetensors [+ index]
                (loads in contentv_torch and in the released ContentV SD3Transformer3DModel.from_pretrained)
   --to jax     our Flax format: config.json + flax_params*.safetensors (the '/'-flattened Flax params tree,
-               scanned layers stacked; read with convert.formats.iter_params / load_params, leaf by leaf)
+               scanned layers stacked; read with contentv_common.formats.sources.iter_params / load_params)
   --to peft    a LoRA run's checkpoint dir -> one diffusers / PEFT LoRA .safetensors file (transformer.<module>
                .lora_A/.lora_B.weight + LoraConfig metadata): StableDiffusion3Pipeline.load_lora_weights,
                SD3Transformer2DModel.load_lora_adapter, contentv_torch.generate --lora, train --lora-init

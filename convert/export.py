@@ -19,7 +19,8 @@ from typing import Any
 
 from contentv_common.config import read_json
 from contentv_common.weights import atomic_dir
-from convert.formats import FormatError, Source, detect, open_source, write_flax, write_torch
+from contentv_common.formats.sources import FormatError, Source, detect, open_source
+from convert.formats import OPENERS, write_flax, write_torch
 
 log = logging.getLogger("convert")
 
@@ -29,7 +30,7 @@ TARGETS = ("jax", "torch")
 def _write_component(src_path: Path | Source, folder: Path, to: str, fmt: str | None, dtype: str | None,
                      max_shard_bytes: int, **kw) -> None:
     """Convert one component: a path (opened here) or an open Source (a LoRA-merged one: convert/lora.py)."""
-    with (src_path if isinstance(src_path, Source) else open_source(src_path, fmt, **kw)) as src:
+    with (src_path if isinstance(src_path, Source) else open_source(src_path, fmt, openers=OPENERS, **kw)) as src:
         log.info("%s: %s (%s) -> %s", src.path, src.component, src.format, to)
         (write_torch if to == "torch" else write_flax)(src, folder, dtype=dtype, max_shard_bytes=max_shard_bytes)
 

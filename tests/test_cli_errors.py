@@ -112,6 +112,19 @@ CASES = [
         "eval.guidance=0.5", "eval.every=-1", "eval.num_steps=0", "init_from='/no/such/ckpt'",
         "data.name='/no/such/dataset'", "seed=-1"]],
     ("train", ["--set", "noequals"], 2, "noequals"),
+    # ---- train: the validation set (contentv_jax.validation), refused before the model is built
+    *[("train", [flag, v], 2, f"argument {flag}") for flag, v in [("--val-fraction", "1.5"), ("--val-fraction", "x"),
+                                                                  ("--eval-every", "-1")]],
+    *[("train", ["--set", item], 2, item.partition("=")[0]) for item in [
+        "data.val_fraction=1.0", "eval.val_sigmas=()", "eval.val_sigmas=(0.5, 1.5)", "eval.val_sigmas=0.5",
+        "eval.val_max_records=-1", "eval.val_batch=-2"]],
+    ("train", ["--val-data", "{missing}"], 2, "data.val_data"),
+    ("train", ["--val-data", "{val_c8}", "--checkpoint-dir", "{out}/ck"], 2, "eval.every steps, which is 0"),
+    ("train", ["--val-data", "{val_c8}", "--val-fraction", "0.1", "--eval-every", "1"], 2, "not both"),
+    ("train", ["--val-fraction", "0.1", "--eval-every", "1"], 2, "synthetic set has no records to hold out"),
+    ("train", ["--val-data", "{dir}", "--eval-every", "1", "--metrics-file", "{out}/m.jsonl"], 1, "a_dir: no manifest"),
+    ("train", ["--val-data", "{val_c8}", "--eval-every", "1", "--metrics-file", "{out}/m.jsonl"], 1,
+     "val_c8 does not fit model tiny: latent_channels 8 (model: 16)"),
     ("train", ["--init-from", "{txt}", "--checkpoint-dir", "{out}/ck", "--metrics-file", "{out}/m.jsonl"], 1,
      "notes.txt"),
     ("train", ["--data", "{dir}", "--checkpoint-dir", "{out}/ck"], 1, "a_dir"),
@@ -248,8 +261,20 @@ def ws(tiny_folder, tmp_path_factory):  # noqa: F811
     ckpt.save(2, {"params": {"x": np.zeros((3, 5), np.float32)}, "step": np.int32(2)}, {"kind": "synthetic"},
               force=True)
     ckpt.close()
+    # a latent dataset of another VAE (8 channels) as --val-data
+    import dataclasses
+
+    from contentv_common.config import get_preset
+    from contentv_common.dataset import write_dataset
+
+    tiny = get_preset("tiny")
+    vae8 = dataclasses.replace(tiny.vae, z_dim=8, latents_mean=tiny.vae.latents_mean[:8], latents_std=tiny.vae.latents_std[:8])
+    write_dataset(root / "val_c8", [{"bucket": (9, 32, 48), "latents": np.zeros((3, 4, 6, 8), np.float32),
+                                     "context": np.zeros((tiny.text.context_tokens, tiny.text.t5_hidden), np.float32),
+                                     "pooled": np.zeros(tiny.text.pooled_dim, np.float32), "caption": "c", "source": "a.mp4"}],
+                  vae8)
     paths = {
-        "model": tiny_folder, "missing": root / "no_such_thing", "empty": root / "empty", "txt": root / "notes.txt",
+        "model": tiny_folder, "val_c8": root / "val_c8", "missing": root / "no_such_thing", "empty": root / "empty", "txt": root / "notes.txt",
         "dir": root / "a_dir", "txt_dir": root / "txt_dir", "captions": root / "captions.jsonl",
         "bad_captions": root / "bad_captions.jsonl", "ckpt_other": root / "ckpt_other",
         "empty_pth": root / "empty.pth", "trunc_pth": root / "trunc.pth", "evil_pth": root / "evil.pth",

@@ -64,7 +64,7 @@ def test_clip_matches_transformers(tmp_path, hidden_act, legacy_eos):
     from transformers import CLIPModel, CLIPTokenizer
 
     from contentv_jax.clip import CLIP, CLIPConfig
-    from convert.clip_keys import clip_params_from_folder
+    from contentv_common.formats.clip_keys import clip_params_from_folder
 
     folder = make_tiny_clip_folder(tmp_path / "clip", seed=1, hidden_act=hidden_act, legacy_eos=legacy_eos)
     ref = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
@@ -92,8 +92,8 @@ def test_clip_sharded_folder_and_strict_keys(tmp_path):
     from safetensors.numpy import load_file, save_file
 
     from contentv_common.weights import KeyMismatchError
-    from convert.clip_keys import clip_params_from_folder, clip_rules
-    from convert.keymap import flatten, flax_to_torch
+    from contentv_common.formats.clip_keys import clip_params_from_folder, clip_rules
+    from contentv_common.formats.keymap import flatten, flax_to_torch
 
     one = make_tiny_clip_folder(tmp_path / "one", seed=4)
     sharded = make_tiny_clip_folder(tmp_path / "sharded", seed=4, max_shard_size="20KB")

@@ -122,14 +122,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ring_training_matches_one_device(one_device_losses, tmp_path):
-    """Two `jax.distributed` processes of 4 CPU devices each: data=2 spans the processes (each feeds its half of
-    the batch), context=4 rings within each."""
+@pytest.mark.parametrize("mesh_spec", ["data=2,context=4", "context=8"])
+def test_two_process_ring_training_matches_one_device(one_device_losses, tmp_path, mesh_spec):
+    """Two `jax.distributed` processes of 4 CPU devices each. data=2,context=4: data spans the processes (each
+    feeds its half of the batch), context rings within each. context=8: the ring spans both processes, which hold
+    the same (whole) batch, so both must read the same rows (`sharding.batch_slot`)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
     port = _free_port()
     metrics = tmp_path / "m.jsonl"
-    cmd = [sys.executable, "-m", "contentv_jax.train", "--steps", "3", "--log-every", "1", "--mesh", "data=2,context=4",
+    cmd = [sys.executable, "-m", "contentv_jax.train", "--steps", "3", "--log-every", "1", "--mesh", mesh_spec,
            "--attention", "ring", "--fast-compile", "--set", "optim.warmup_steps=0", "--metrics-file", str(metrics),
            "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
     procs = [subprocess.Popen(cmd + ["--process-id", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,

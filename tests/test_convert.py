@@ -1,8 +1,9 @@
 """python -m convert: every format in (written in its real on-disk layout), JAX and PyTorch out.
 
 Original-format files (SD3.5 single file, Wan .pth) are written by our inverse key maps and checked against
-diffusers' own single-file converters; full sizes are checked for keys and shapes on the meta device /
-with jax.eval_shape; round trips are bit-exact in the same dtype.
+diffusers' own single-file converters; the key shapes derived from a config (`expected_torch_shapes`) are
+checked at full size against diffusers on the meta device and the Flax model's jax.eval_shape; round trips are
+bit-exact in the same dtype.
 """
 import dataclasses
 import inspect
@@ -15,13 +16,14 @@ import pytest
 import torch
 
 from contentv_common.config import PRESETS, TransformerConfig, VAEConfig
+from contentv_common.formats import sd3_original, wan_original
+from contentv_common.formats.keymap import flatten, torch_to_flax
+from contentv_common.formats.sources import FORMATS, Source, detect, load_params, plan_flax
+from contentv_common.formats.transformer_keys import transformer_rules
 from contentv_common.weights import iter_tensors, save_sharded
-from convert import sd3_original, wan_original
 from convert.cli import cli, main
 from convert.export import convert
-from convert.formats import FORMATS, Source, detect, load_params, plan_flax
-from convert.keymap import flatten, torch_to_flax
-from convert.transformer_keys import transformer_rules
+from convert.formats import UnsafeCheckpointError
 
 TINY = PRESETS["tiny"].transformer
 TINY_VAE = PRESETS["tiny"].vae
@@ -119,7 +121,7 @@ def test_full_size_sd35_large_and_contentv_8b_keys_and_shapes():
     from flax import linen as nn
 
     from contentv_jax.transformer import ContentVTransformer
-    from convert.formats import expected_torch_shapes
+    from contentv_common.formats.sources import expected_torch_shapes
 
     cfg = PRESETS["contentv-8b"].transformer
     sd35 = _sd3_model(cfg, device="meta").state_dict()
@@ -130,7 +132,7 @@ def test_full_size_sd35_large_and_contentv_8b_keys_and_shapes():
     names, _ = sd3_original.strip_keys(orig)
     assert sd3_original.infer_config({k: tuple(orig[v].shape) for k, v in names.items()}) == cfg
 
-    ours = expected_torch_shapes("transformer", cfg)  # our torch model on the meta device
+    ours = expected_torch_shapes("transformer", cfg)  # from the config alone
     assert len(ours) == 1226 and sum(int(np.prod(s)) for s in ours.values()) == 8_056_627_520
     assert ours == {k: tuple(v.shape) for k, v in sd35.items() if k != "pos_embed.pos_embed"}
 
@@ -147,7 +149,7 @@ def test_full_size_wan21_vae_keys_and_shapes():
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
     from contentv_jax.vae import param_shapes
-    from convert.formats import expected_torch_shapes
+    from contentv_common.formats.sources import expected_torch_shapes
 
     cfg = VAEConfig()
     with torch.device("meta"):
@@ -191,7 +193,7 @@ def test_sd35_single_file_and_diffusers_folder_to_torch_and_jax(tmp_path, capsys
         assert cfg.num_layers == TINY.num_layers and cfg.joint_attention_dim == TINY.joint_attention_dim
         _assert_trees_equal(params, want_flax)
     _assert_trees_equal(load_params(tmp_path / "sd35")[1], want_flax)  # straight from SD3.5 into Flax
-    from convert.transformer_keys import transformer_params_from_folder  # the trainer's --init-from reader
+    from contentv_common.formats.transformer_keys import transformer_params_from_folder  # the trainer's --init-from reader
 
     _assert_trees_equal(transformer_params_from_folder(tmp_path / "sd3.5_large.safetensors.torch")[1], want_flax)
     _, p32 = load_params(tmp_path / "sd3.5_large.safetensors", dtype="float32")
@@ -225,7 +227,7 @@ def test_contentv_torch_jax_torch_round_trip_is_bit_exact(tmp_path, capsys, dtyp
 
 def test_wan_pth_and_diffusers_vae_to_torch_and_jax(tmp_path, capsys):
     from contentv_torch.vae import WanVAE
-    from convert.vae_keys import vae_params_from_folder
+    from contentv_common.formats.vae_keys import vae_params_from_folder
 
     ref = _wan_model(TINY_VAE, seed=2)
     state = ref.state_dict()
@@ -298,6 +300,34 @@ def _tiny_train_checkpoint(path):
     return params, ema
 
 
+def test_checkpoint_source_reads_sharded_stacked_leaves_row_by_row(tmp_path):
+    """A checkpoint written from 2 devices with the layer axis sharded (stored chunks of 2 of the 4 stacked rows):
+    contentv_jax.checkpoint.open_source reads every row of every leaf back exactly, under its diffusers key."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from contentv_common.formats.keymap import flax_to_torch
+    from contentv_common.formats.sources import expected_torch_shapes
+    from contentv_jax.checkpoint import Checkpointer, open_source
+
+    cfg = dataclasses.replace(TINY, num_layers=5)
+    rng = np.random.default_rng(0)
+    shapes = expected_torch_shapes("transformer", cfg)
+    params = torch_to_flax(((k, rng.standard_normal(s).astype(np.float32)) for k, s in shapes.items()),
+                           transformer_rules(cfg))
+    layers = NamedSharding(Mesh(np.array(jax.devices()[:2]), ("layers",)), PartitionSpec("layers"))
+    placed = jax.tree.map(lambda x: jax.device_put(x, layers) if x.ndim and x.shape[0] == 4 else x, params)
+    assert placed["transformer_blocks"]["attn"]["to_q"]["kernel"].sharding == layers
+    ck = Checkpointer(tmp_path / "ckpt", every=1, async_save=False)
+    ck.save(3, {"params": placed, "step": np.int32(3)}, {}, force=True)
+    ck.close()
+    want = dict(flax_to_torch(params, transformer_rules(cfg)))
+    with open_source(tmp_path / "ckpt", config=cfg) as src:
+        assert src.shapes == shapes
+        for k in src.order:  # the converters' order: leaf by leaf, rows in order
+            np.testing.assert_array_equal(src.read(k), want[k], err_msg=k)
+
+
 @pytest.fixture(scope="module")
 def tiny_contentv_folder(tmp_path_factory):
     from tiny_models import make_tiny_contentv_folder
@@ -307,7 +337,7 @@ def tiny_contentv_folder(tmp_path_factory):
 
 def test_train_checkpoint_to_torch_folder_and_whole_model(tmp_path, capsys, tiny_contentv_folder):
     from contentv_torch.transformer import ContentVTransformer3DModel
-    from convert.keymap import flax_to_torch
+    from contentv_common.formats.keymap import flax_to_torch
 
     params, ema = _tiny_train_checkpoint(tmp_path / "ckpt")
     assert detect(tmp_path / "ckpt") == "orbax" and detect(tmp_path / "ckpt" / "7") == "orbax"
@@ -362,7 +392,7 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
     rc, err = _run(capsys, "--to", "torch", tmp_path / "evil.pth", tmp_path / "out")
     assert rc == 1 and err.startswith("python -m convert: error: ") and "refused to unpickle" in err and "evil.pth" in err
     assert not marker.exists() and not (tmp_path / "out").exists()
-    with pytest.raises(wan_original.UnsafeCheckpointError):
+    with pytest.raises(UnsafeCheckpointError):
         convert(tmp_path / "evil.pth", tmp_path / "out", "jax")
 
 
@@ -440,3 +470,21 @@ def test_save_flax_params_round_trips_an_in_memory_tree(tmp_path):
         np.testing.assert_array_equal(v, want[k])
     with pytest.raises(FileExistsError):
         save_flax_params(cfg, params, out)
+
+
+def test_folder_readers_check_every_key_and_shape_against_the_config_first(tmp_path):
+    """The shapes a config implies (expected_torch_shapes) are what every folder reader checks before reading."""
+    from contentv_common.formats.sources import expected_torch_shapes
+    from contentv_common.formats.transformer_keys import transformer_params_from_folder
+    from contentv_common.weights import KeyMismatchError
+
+    shapes = expected_torch_shapes("transformer", TINY)
+    tensors = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    tensors["proj_out.weight"] = np.zeros((3, 3), np.float32)
+    del tensors["context_embedder.bias"]
+    tensors["pos_embed.pos_embed"] = np.zeros((1, 4, TINY.inner_dim), np.float32)  # SD3.5's table: skipped, not an error
+    folder = save_sharded(tmp_path / "bad", tensors, TINY.to_diffusers_config())
+    with pytest.raises(KeyMismatchError) as e:
+        transformer_params_from_folder(folder)
+    msg = str(e.value)
+    assert "context_embedder.bias" in msg and "proj_out.weight" in msg and "(3, 3)" in msg and "pos_embed.pos_embed" not in msg

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from contentv_common.weights import KeyMismatchError, check_keys, iter_tensors, save_sharded, tensor_shapes, weight_index
-from convert.keymap import Rule, flax_to_torch, torch_to_flax
+from contentv_common.formats.keymap import Rule, flax_to_torch, torch_to_flax
 
 RULES = [
     Rule("blocks.{i}.proj.weight", "blocks/proj/kernel", "linear", stack=(0, 3)),
@@ -75,7 +75,7 @@ def test_check_keys_lists_everything():
 def test_numpy_bf16_folder_roundtrip_through_flax_reader(tmp_path):
     import ml_dtypes
 
-    from convert.keymap import read_flax_params
+    from contentv_common.formats.keymap import read_flax_params
 
     sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in _torch_sd(np.random.default_rng(1)).items()}
     save_sharded(tmp_path / "m", flax_to_torch(torch_to_flax(sd.items(), RULES), RULES))

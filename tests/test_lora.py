@@ -29,7 +29,8 @@ PRESET = get_preset("tiny")
 
 def _base_params(seed=1):
     model = ContentVTransformer(PRESET.transformer)
-    return jax.device_get(flax.linen.meta.unbox(model.init(jax.random.PRNGKey(seed), *T._dummy_inputs(PRESET))["params"]))
+    init = jax.jit(lambda r: flax.linen.meta.unbox(model.init(r, *T._dummy_inputs(PRESET))["params"]))
+    return jax.device_get(init(jax.random.PRNGKey(seed)))
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +66,10 @@ def test_step0_equals_base_and_adapter_equals_merged(base):
     spec = L.LoraSpec(4, 8.0)
     plain, lora = ContentVTransformer(PRESET.transformer), ContentVTransformer(PRESET.transformer, lora=spec)
     x = _inputs()
-    adapter = flax.linen.meta.unbox(lora.init(jax.random.PRNGKey(3), *x)["lora"])
-    ref = plain.apply({"params": base}, *x)
-    out = lora.apply({"params": base, "lora": adapter}, *x)
+    adapter = jax.jit(lambda r: flax.linen.meta.unbox(lora.init(r, *x)["lora"]))(jax.random.PRNGKey(3))
+    plain_apply, lora_apply = jax.jit(plain.apply), jax.jit(lora.apply)
+    ref = plain_apply({"params": base}, *x)
+    out = lora_apply({"params": base, "lora": adapter}, *x)
     assert float(jnp.abs(ref).mean()) > 0.1
     assert rel_err(out, ref) <= 1e-6
     # A is PEFT's kaiming-uniform U(+-1/sqrt(in)), nonzero; B starts at zero
@@ -76,8 +78,8 @@ def test_step0_equals_base_and_adapter_equals_merged(base):
     assert 0 < float(jnp.abs(a).max()) <= 1 / np.sqrt(PRESET.transformer.inner_dim)
     # nonzero B: the adapted model differs from the base and equals the merged W + (alpha/r) A B model
     adapter = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.PRNGKey(v.size), v.shape), adapter)
-    out = lora.apply({"params": base, "lora": adapter}, *x)
-    merged = plain.apply({"params": L.merge_params(base, adapter, spec.scale)}, *x)
+    out = lora_apply({"params": base, "lora": adapter}, *x)
+    merged = plain_apply({"params": L.merge_params(base, adapter, spec.scale)}, *x)
     assert rel_err(out, ref) > 1e-2
     assert rel_err(out, merged) <= 1e-5
     # every default target is adapted in both streams and in the last block (no to_add_out / ff_context there)
@@ -143,7 +145,7 @@ def test_bf16_base(base, ref_losses):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(out["state"].params))  # fp32 adapter on a bf16 base
 
 
-def test_targets_patterns_and_errors(base):
+def test_targets_patterns_and_errors(base, tmp_path):
     assert L.normalize_target("attn.to_out.0") == "attn/to_out"
     assert L.normalize_target("ff_context.net.0.proj") == "ff_context/proj_in"
     assert L.normalize_target("ff.net.2") == "ff/proj_out"
@@ -155,9 +157,48 @@ def test_targets_patterns_and_errors(base):
         L.check_targets(L.LoraSpec(2, 2.0, ("attn/to_q", "attn/to_qq")), base)
     with pytest.raises(ValueError, match="attn/nope"):
         _train(_config(steps=1, targets=["attn.to_q", "attn/nope"]), base)
+    with pytest.raises(ValueError, match=r"\['attn/nope'\] match no Dense layer"):  # nothing adapted at all
+        _train(_config(steps=1, targets=["attn/nope"]), base, checkpoint_dir=str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()  # a failed run leaves no checkpoint dir (lora.json comes with a checkpoint)
     c = _config()
     with pytest.raises(UsageError, match="--init-from"):
         configs.validate_config(c)
     c.init_from, c.lora.targets = ".", []
     with pytest.raises(UsageError, match="lora.targets"):
         configs.validate_config(c)
+
+
+def test_memory_benchmark_counts_base_adapter_and_optimizer_state():
+    from benchmarks.memory import measure
+    from contentv_jax.transformer import count_params
+
+    row = measure("tiny", (9, 32, 48), "fsdp=2", "full", attention="flash", lora_rank=4, lora_base_dtype="bfloat16")
+    base_params = _base_params()
+    n_base = count_params(base_params)
+    kernels = [x for p, x in flax.traverse_util.flatten_dict(base_params, sep="/").items()
+               if p.endswith("/kernel") and L.LoraSpec(4, 4.0).matches(p.rsplit("/", 1)[0])]
+    n_adapter = sum(4 * (x.shape[-2] + x.shape[-1]) * (x.shape[0] if x.ndim == 3 else 1) for x in kernels)  # A + B
+    gib = 2.0**30
+    assert row["lora_rank"] == 4 and row["base_dtype"] == "bfloat16"
+    assert row["params_gib"] * gib == pytest.approx(n_base * 2 / 2, rel=0.05)  # bf16, halved by fsdp=2
+    assert row["adapter_gib"] * gib == pytest.approx(n_adapter * 4 / 2, rel=0.05)  # fp32 adapter, sharded
+    assert row["adamw_gib"] == pytest.approx(2 * row["adapter_gib"], rel=1e-3)  # 2 moments (+ the step count)
+    assert row["ema_gib"] == pytest.approx(row["adapter_gib"])
+    parts = row["params_gib"] + row["adapter_gib"] + row["adamw_gib"] + row["ema_gib"]
+    assert row["state_gib"] == pytest.approx(parts, rel=1e-3)  # + the step, rng and counters
+
+
+def test_validation_loss_of_the_lora_model(base, tmp_path):
+    """--val-fraction with a LoRA run: the validation loss is the base + adapter model's, and it falls."""
+    from test_validation import _samples
+
+    from contentv_common.dataset import write_dataset
+
+    data = write_dataset(tmp_path / "ds", _samples(n=32), PRESET.vae, shard_rows=16)
+    config = _config(steps=6)
+    config.data.name, config.data.val_fraction = str(data), 0.25
+    config.eval.every, config.eval.num_prompts = 3, 0
+    _, out = _train(config, base)
+    vals = [h["val_loss"] for h in out["val_history"]]
+    assert [h["step"] for h in out["val_history"]] == [0, 3, 6] and all(np.isfinite(vals))
+    assert vals[-1] < vals[0], vals

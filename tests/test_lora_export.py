@@ -24,9 +24,9 @@ from contentv_jax import lora as L
 from contentv_jax import sharding as shd
 from contentv_jax import train as T
 from contentv_jax.transformer import ContentVTransformer
-from convert import lora as CL
+from contentv_common.formats import peft_lora as PL
 from convert.cli import main as convert_main
-from convert.formats import load_params
+from contentv_common.formats.sources import load_params
 
 PRESET = get_preset("tiny")
 CFG = PRESET.transformer
@@ -87,7 +87,7 @@ def test_export_loads_in_diffusers_with_same_output(trained, tmp_path):
     out_file = tmp_path / "lora.safetensors"
     assert convert_main(["--to", "peft", str(ckpt), str(out_file)]) == 0
     with safe_open(str(out_file), "np") as f:
-        keys, meta = set(f.keys()), json.loads(f.metadata()[CL.METADATA_KEY])
+        keys, meta = set(f.keys()), json.loads(f.metadata()[PL.METADATA_KEY])
     assert meta["transformer.r"] == 4 and meta["transformer.lora_alpha"] == 8.0
     assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     assert "transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight" in keys
@@ -165,13 +165,13 @@ def test_peft_round_trip_and_lora_init(trained, tmp_path):
                                                transformer_lora_adapter_metadata={"r": 2, "lora_alpha": 6,
                                                                                   "target_modules": targets})
     src = tmp_path / "d" / "pytorch_lora_weights.safetensors"
-    adapter, rank, alpha = CL.read_peft(src, CFG.num_layers)
+    adapter, rank, alpha = PL.read_peft(src, CFG.num_layers)
     assert (rank, alpha) == (2, 6.0)
-    back = CL.write_peft(adapter, rank, alpha, CFG.num_layers, tmp_path / "back.safetensors")
+    back = PL.write_peft(adapter, rank, alpha, CFG.num_layers, tmp_path / "back.safetensors")
     with safe_open(str(src), "np") as a, safe_open(str(back), "np") as b:
         assert set(a.keys()) == set(b.keys())
         assert all(np.array_equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
-        assert CL.read_peft(back, CFG.num_layers)[1:] == (2, 6.0)
+        assert PL.read_peft(back, CFG.num_layers)[1:] == (2, 6.0)
     x = _inputs()
     with torch.no_grad():
         diffusers_out = ref(**x)
@@ -193,3 +193,19 @@ def test_peft_round_trip_and_lora_init(trained, tmp_path):
     c.lora.alpha, c.lora.targets = 6.0, ["attn.to_q"]
     with pytest.raises(ValueError, match="unexpected"):
         T.train(c, log=lambda s: None, compiler_options=FAST, mesh=mesh)
+
+
+def test_parity_cli_jax_lora_vs_torch_merged(trained, tmp_path):
+    from benchmarks import parity
+
+    base_dir, ckpt, _, _ = trained
+    out = tmp_path / "p.safetensors"
+    assert parity.main(["--checkpoint", str(base_dir), "--lora", str(ckpt), "--output", str(out)]) == 0
+    with safe_open(str(out), "np") as f:
+        j, t = f.get_tensor("jax"), f.get_tensor("torch")
+    assert rel_err(j, t) <= 1e-5
+    # the adapter is really applied on both sides: the plain base differs
+    plain = tmp_path / "plain.safetensors"
+    assert parity.main(["--checkpoint", str(base_dir), "--output", str(plain)]) == 0
+    with safe_open(str(plain), "np") as f:
+        assert rel_err(f.get_tensor("torch"), t) > 1e-3

@@ -58,7 +58,7 @@ def test_rlhf_gradient_paths(parts):
     params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), *_dummy_inputs(preset)))["params"]
     vae, vae_params = load_vae(config.rlhf, preset, 0)
     assert set(vae_params) == {"post_quant_conv", "decoder"}
-    obj = make_objective(config, model, vae, reward, prompts)
+    obj = make_objective(config, preset, model, vae, reward, prompts)
     batch = {k: jnp.asarray(v) for k, v in prompts.batch([0, 5], reward).items()}
     frozen = {"vae": vae_params, "reward": reward_params}
 

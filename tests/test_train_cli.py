@@ -110,9 +110,9 @@ def test_init_from_reads_every_transformer_format(tmp_path):
 
     from contentv_common.config import get_preset
     from contentv_jax import sharding as shd
-    from convert import sd3_original
+    from contentv_common.formats import sd3_original
     from convert.cli import main as convert_main
-    from convert.formats import load_params
+    from contentv_common.formats.sources import load_params
 
     preset = get_preset("tiny")
     model = T.build_model(configs.get_config("tiny"), preset)

@@ -19,8 +19,8 @@ from contentv_jax.transformer import (
     count_params,
     video_pos_table,
 )
-from convert.keymap import TO_TORCH, flatten, flax_to_torch, torch_to_flax
-from convert.transformer_keys import transformer_params_from_folder, transformer_rules
+from contentv_common.formats.keymap import TO_TORCH, flatten, flax_to_torch, torch_to_flax
+from contentv_common.formats.transformer_keys import transformer_params_from_folder, transformer_rules
 
 CFG = get_preset("tiny").transformer  # 2 layers: one scanned block + the last block
 CFG3 = dataclasses.replace(CFG, num_layers=3)  # two scanned rows

@@ -15,8 +15,8 @@ from contentv_common.config import VAEConfig
 from contentv_common.latents import denormalize_latents, normalize_latents
 from contentv_common.weights import KeyMismatchError, iter_tensors, save_sharded
 from contentv_jax.vae import WanVAE, init_params, param_shapes
-from convert.keymap import flatten, flax_to_torch
-from convert.vae_keys import vae_params_from_folder, vae_rules
+from contentv_common.formats.keymap import flatten, flax_to_torch
+from contentv_common.formats.vae_keys import vae_params_from_folder, vae_rules
 from tiny_models import one_torch_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -143,7 +143,7 @@ def test_loader_names_missing_and_unexpected_keys(tiny, tmp_path):
     del sd["decoder.extra.weight"]
     bad2 = save_sharded(tmp_path / "bad2", sd)
     (bad2 / "config.json").write_text(cfg_json)
-    with pytest.raises(KeyMismatchError, match="missing keys.*decoder/conv_out/bias"):
+    with pytest.raises(KeyMismatchError, match=r"missing keys.*decoder\.conv_out\.bias"):
         vae_params_from_folder(bad2)
 
 

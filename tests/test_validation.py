@@ -153,19 +153,34 @@ def _val_records(path):
     return [r for r in map(json.loads, path.read_text().splitlines()) if "val_loss" in r]
 
 
-def test_resumed_run_writes_the_same_val_loss_and_val_loss_falls(learnable, tmp_path):
-    config = _config(learnable, steps=12)
-    mesh = shd.create_mesh("data=2", jax.devices()[:2])
-    ref = T.train(config, mesh=mesh, metrics_file=str(tmp_path / "ref" / "m.jsonl"), log=lambda s: None,
-                  compiler_options=FAST)
-    ref_val = _val_records(tmp_path / "ref" / "m.jsonl")
-    assert [r["step"] for r in ref_val] == [0, 4, 8, 12] == [r["step"] for r in ref["val_history"]]
+def test_cli_val_loss_falls_and_a_resumed_run_writes_the_same(learnable, tmp_path, capsys):
+    """`--val-fraction` through the CLI (JSONL, TensorBoard, log lines), then the same run on the same mesh
+    preempted (SIGTERM after step 6) and resumed: the same val_loss records within 1e-6."""
+    help_text = T.build_parser().format_help()
+    assert all(flag in help_text for flag in ("--val-data", "--val-fraction", "--eval-every"))
+    c = T.config_from_args(T.build_parser().parse_args(["--val-data", "v/", "--val-fraction", "0.1", "--eval-every", "3"]))
+    assert (c.data.val_data, c.data.val_fraction, c.eval.every) == ("v/", 0.1, 3)
+    ref = tmp_path / "ref" / "m.jsonl"
+    rc = T.main(["--data", str(learnable), "--val-fraction", str(FRACTION), "--eval-every", "4", "--steps", "12",
+                 "--log-every", "1", "--checkpoint-every", "4", "--mesh", "data=2,fsdp=-1", "--fast-compile",
+                 "--set", "eval.num_prompts=0", "--set", "optim.warmup_steps=0", "--metrics-file", str(ref)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    ref_val = _val_records(ref)
+    assert [r["step"] for r in ref_val] == [0, 4, 8, 12]
     for r in ref_val:
-        per_sigma = [r[sigma_name(s)] for s in config.eval.val_sigmas]
-        assert len(per_sigma) == 8 and r["val_loss"] == pytest.approx(np.mean(per_sigma), rel=1e-12)
+        per_sigma = [r.pop(sigma_name(s)) for s in configs.get_config("tiny").eval.val_sigmas]
+        assert set(r) == {"step", "val_loss"} and r["val_loss"] == pytest.approx(np.mean(per_sigma), rel=1e-12)
+    n_val = len(LatentDataset(learnable).split(FRACTION)[1])
+    assert f"step      4 val_loss {ref_val[1]['val_loss']:.4f} ({n_val} records x 8 sigmas; by sigma 0.0625:" in out
+    assert f"val_loss {ref_val[0]['val_loss']:.4f} at step 0 -> {ref_val[-1]['val_loss']:.4f} at step 12" in out
     assert ref_val[-1]["val_loss"] < 0.9 * ref_val[0]["val_loss"], ref_val  # it learns the held-out captions' patterns
-    assert not (tmp_path / "ref" / "samples").exists()  # eval.num_prompts = 0: validation without sample videos
+    events = b"".join(p.read_bytes() for p in (ref.parent / "tb").glob("events.out.tfevents.*"))
+    assert b"val_loss/sigma_0.5625" in events and b"val_loss" in events
+    assert not (ref.parent / "samples").exists()  # eval.num_prompts = 0: validation without sample videos
 
+    config = _config(learnable, steps=12)
+    mesh = shd.create_mesh("data=2,fsdp=-1")
     run, ckpt = tmp_path / "run", str(tmp_path / "run" / "ckpt")
     src = _SigtermAfter(learnable, TINY, [Bucket(*VIDEO, 8)], stop=6, val_fraction=FRACTION)
     first = T.train(config, mesh=mesh, checkpoint_dir=ckpt, metrics_file=str(run / "m.jsonl"), source=src,
@@ -176,28 +191,10 @@ def test_resumed_run_writes_the_same_val_loss_and_val_loss_falls(learnable, tmp_
     assert again["stopped"] == "done" and [r["step"] for r in again["val_history"]] == [8, 12]  # no step-0 rerun
     got = _val_records(run / "m.jsonl")
     assert [r["step"] for r in got] == [0, 4, 8, 12]
-    for a, b in zip(got, ref_val):
+    for a, b in zip(got, _val_records(ref)):
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=0), (a["step"], key)
-
-
-def test_val_data_cli_writes_jsonl_tensorboard_and_the_log_line(learnable, tmp_path, capsys):
-    """`--val-data DIR` (a dataset of other buckets than training's) beside the synthetic training set."""
-    val = write_dataset(tmp_path / "val", _samples(5, (VIDEO, IMAGE), seed=7), TINY.vae, shard_rows=4)
-    metrics = tmp_path / "run" / "m.jsonl"
-    rc = T.main(["--val-data", str(val), "--eval-every", "2", "--steps", "3", "--log-every", "1", "--fast-compile",
-                 "--mesh", "data=2,fsdp=-1", "--set", "eval.num_prompts=0", "--set", "eval.val_sigmas=(0.25, 0.5)",
-                 "--metrics-file", str(metrics)])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    val = _val_records(metrics)
-    assert [r["step"] for r in val] == [0, 2, 3]
-    assert set(val[0]) == {"step", "val_loss", "val_loss/sigma_0.2500", "val_loss/sigma_0.5000"}
-    assert "val_loss" in out and "(5 records x 2 sigmas; by sigma 0.25:" in out, out
-    assert f"val_loss {val[0]['val_loss']:.4f} at step 0 -> {val[-1]['val_loss']:.4f} at step 3" in out
-    events = b"".join(p.read_bytes() for p in (metrics.parent / "tb").glob("events.out.tfevents.*"))
-    assert b"val_loss/sigma_0.5000" in events and b"val_loss" in events
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from contentv_common.config import VAEConfig, read_json
-from contentv_common.weights import CONFIG_NAME, check_keys
-from convert.keymap import Rule, flatten, read_flax_params
+from contentv_common.formats.keymap import Rule, read_flax_params
+from contentv_common.formats.wan_original import layout
+from contentv_common.weights import CONFIG_NAME, check_keys, tensor_shapes
 
 
 def _conv(t: str, f: str, kind: str) -> list[Rule]:
@@ -55,15 +56,17 @@ def vae_rules(cfg: VAEConfig) -> list[Rule]:
     return rules
 
 
+def vae_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
+    """diffusers key -> shape of every tensor of the Wan2.1 VAE of `cfg` (from the config alone)."""
+    return {k: shape for k, (_, shape) in layout(cfg).items()}
+
+
 def vae_params_from_folder(folder: str | Path) -> tuple[VAEConfig, dict]:
     """A diffusers-layout VAE folder (config.json + safetensors, single or sharded) -> (config, nested Flax
-    params of numpy arrays in the checkpoint's dtype). Streams tensor by tensor; unexpected, missing and
-    mis-shaped keys all raise one KeyMismatchError naming them (against the model's `jax.eval_shape` tree)."""
-    from contentv_jax.vae import param_shapes  # JAX only where Flax params are wanted
-
+    params of numpy arrays in the checkpoint's dtype). Keys and shapes are checked against the config before
+    any tensor is read (one KeyMismatchError naming every missing, unexpected and mis-shaped key); then it
+    streams tensor by tensor."""
     folder = Path(folder)
     cfg = VAEConfig.from_diffusers_config(read_json(folder / CONFIG_NAME))
-    params = read_flax_params(folder, vae_rules(cfg), what=str(folder))
-    found = {k: tuple(v.shape) for k, v in flatten(params).items()}
-    check_keys(found, {k: tuple(v.shape) for k, v in flatten(param_shapes(cfg)).items()}, str(folder))
-    return cfg, params
+    check_keys(tensor_shapes(folder), vae_shapes(cfg), str(folder))
+    return cfg, read_flax_params(folder, vae_rules(cfg), what=str(folder))

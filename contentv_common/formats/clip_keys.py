@@ -4,6 +4,7 @@ A `save_pretrained` folder holds `config.json` plus `model.safetensors` (or `mod
 shards with `model.safetensors.index.json`); `contentv_common.weights` reads both layouts.
 
     clip_rules(config) -> list[Rule]
+    clip_shapes(config) -> {torch key: shape}
     clip_params_from_folder(folder) -> (config dict, params)   # strict: every key, every shape
 """
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from contentv_common.config import read_json
+from contentv_common.config import CLIPConfig, read_json
+from contentv_common.formats.keymap import Rule, read_flax_params
 from contentv_common.weights import CONFIG_NAME, check_keys, tensor_shapes
-from convert.keymap import Rule, flatten, read_flax_params
 
 _LAYER = [  # (torch suffix, flax suffix, kind) inside encoder.layers.{i}
     ("self_attn.q_proj.weight", "self_attn/q_proj/kernel", "linear"),
@@ -37,8 +38,6 @@ _LAYER = [  # (torch suffix, flax suffix, kind) inside encoder.layers.{i}
 
 def clip_rules(config) -> list[Rule]:
     """Rules for a `CLIPConfig` (contentv_common.config) or a transformers config.json dict."""
-    from contentv_common.config import CLIPConfig
-
     if not isinstance(config, CLIPConfig):
         config = CLIPConfig.from_transformers(config)
     rules = [
@@ -64,43 +63,28 @@ def clip_rules(config) -> list[Rule]:
     return rules
 
 
-def _expected_torch_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Torch key -> shape of a CLIPModel with this config, from the Flax model's abstract init (no weights)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from contentv_jax.clip import CLIP
-    from convert.keymap import TO_TORCH
-
-    v = config.vision
-    abstract = jax.eval_shape(
-        CLIP(config).init, jax.random.key(0),
-        jnp.zeros((1, v.image_size, v.image_size, v.num_channels)), jnp.zeros((1, 2), jnp.int32),
-    )["params"]
-    out = {}
-    rules = clip_rules(config)
-    for path, x in flatten(nn.meta.unbox(abstract)).items():
-        for r in rules:
-            keys = r.to_torch_keys(path, x.shape[0] if r.stack and x.shape else None)
-            if keys is not None:
-                shape = TO_TORCH[r.kind](_Shape(x.shape[1:] if r.stack else x.shape)).shape
-                out.update({k: shape for k in keys})
+def clip_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Torch key -> shape of every tensor of a transformers CLIPModel of this CLIPConfig (from the config alone)."""
+    t, v, proj = config.text, config.vision, config.projection_dim
+    out: dict[str, tuple[int, ...]] = {
+        "logit_scale": (), "text_projection.weight": (proj, t.hidden_size), "visual_projection.weight": (proj, v.hidden_size),
+        "text_model.embeddings.token_embedding.weight": (t.vocab_size, t.hidden_size),
+        "text_model.embeddings.position_embedding.weight": (t.max_position_embeddings, t.hidden_size),
+        "vision_model.embeddings.class_embedding": (v.hidden_size,),
+        "vision_model.embeddings.patch_embedding.weight": (v.hidden_size, v.num_channels, v.patch_size, v.patch_size),
+        "vision_model.embeddings.position_embedding.weight": ((v.image_size // v.patch_size) ** 2 + 1, v.hidden_size),
+    }
+    for norm, dim in (("text_model.final_layer_norm", t.hidden_size), ("vision_model.pre_layrnorm", v.hidden_size),
+                      ("vision_model.post_layernorm", v.hidden_size)):
+        out |= {f"{norm}.weight": (dim,), f"{norm}.bias": (dim,)}
+    for tower, c in (("text_model", t), ("vision_model", v)):
+        h, m = c.hidden_size, c.intermediate_size
+        layer = {f"self_attn.{n}.{w}": ((h, h) if w == "weight" else (h,))
+                 for n in ("q_proj", "k_proj", "v_proj", "out_proj") for w in ("weight", "bias")}
+        layer |= {f"{n}.{w}": (h,) for n in ("layer_norm1", "layer_norm2") for w in ("weight", "bias")}
+        layer |= {"mlp.fc1.weight": (m, h), "mlp.fc1.bias": (m,), "mlp.fc2.weight": (h, m), "mlp.fc2.bias": (h,)}
+        out |= {f"{tower}.encoder.layers.{i}.{k}": shape for i in range(c.num_hidden_layers) for k, shape in layer.items()}
     return out
-
-
-class _Shape:
-    """A stand-in with `.T` / `.transpose` so the layout functions of keymap compute shapes without data."""
-
-    def __init__(self, shape):
-        self.shape = tuple(shape)
-
-    @property
-    def T(self):
-        return _Shape(self.shape[::-1])
-
-    def transpose(self, *axes):
-        return _Shape(tuple(self.shape[a] for a in axes))
 
 
 def clip_params_from_folder(folder: str | Path) -> tuple[dict[str, Any], dict]:
@@ -109,10 +93,8 @@ def clip_params_from_folder(folder: str | Path) -> tuple[dict[str, Any], dict]:
     Strict: keys and shapes are checked against the config before any tensor is read; a mismatch raises
     `KeyMismatchError` naming every missing / unexpected key and wrong shape.
     """
-    from contentv_common.config import CLIPConfig
-
     folder = Path(folder)
     d = read_json(folder / CONFIG_NAME)
     config = CLIPConfig.from_transformers(d)
-    check_keys(tensor_shapes(folder), _expected_torch_shapes(config), f"{folder} (CLIPModel)")
+    check_keys(tensor_shapes(folder), clip_shapes(config), f"{folder} (CLIPModel)")
     return d, read_flax_params(folder, clip_rules(config), f"{folder} (CLIPModel)")

@@ -35,6 +35,15 @@ TO_TORCH = {
 }
 
 
+def to_flax_shape(kind: str, torch_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The Flax-layout shape of a torch-layout tensor of `torch_shape` (the layout function on a view, no data)."""
+    return TO_FLAX[kind](np.broadcast_to(np.zeros((), np.uint8), torch_shape)).shape
+
+
+def to_torch_shape(kind: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return TO_TORCH[kind](np.broadcast_to(np.zeros((), np.uint8), flax_shape)).shape
+
+
 def _template_regex(template: str, sep: str) -> re.Pattern:
     parts = re.split(r"\{(\w+)\}", template)
     rx = "".join(re.escape(p) if k % 2 == 0 else rf"(?P<{p}>\d+)" for k, p in enumerate(parts))

@@ -16,12 +16,13 @@ inverse, used to write original-format files (tests check it against diffusers' 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
 
-from contentv_common.config import TransformerConfig
+from contentv_common.config import SD3_POS_EMBED_KEY, TransformerConfig
 
 PREFIX = "model.diffusion_model."
 # Other parts a single file may bundle (VAE, text encoders): not the transformer, skipped by name.
@@ -47,7 +48,7 @@ def key_table(cfg: TransformerConfig, pos_embed: bool = False) -> dict[str, Piec
     pos_embed: include the learned 2D table `pos_embed.pos_embed` (SD3.5 has it, ContentV drops it)."""
     t: dict[str, Piece] = {}
     if pos_embed:
-        t["pos_embed.pos_embed"] = Piece("pos_embed")
+        t[SD3_POS_EMBED_KEY] = Piece("pos_embed")
     t |= _linear("pos_embed.proj", "x_embedder.proj")
     t |= _linear("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0")
     t |= _linear("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2")
@@ -146,13 +147,12 @@ def diffusers_to_original(state: Mapping[str, np.ndarray], cfg: TransformerConfi
     (`concat` defaults to numpy's / torch's cat along dim 0)."""
     if concat is None:
         first = next(iter(state.values()))
-        if hasattr(first, "element_size"):
-            import torch
-
-            concat = lambda xs: torch.cat(list(xs), 0)  # noqa: E731
+        if hasattr(first, "element_size"):  # a torch tensor: torch is imported already, this floor never imports it
+            cat = sys.modules["torch"].cat
+            concat = lambda xs: cat(list(xs), 0)  # noqa: E731
         else:
             concat = lambda xs: np.concatenate(list(xs), 0)  # noqa: E731
-    table = key_table(cfg, pos_embed="pos_embed.pos_embed" in state)
+    table = key_table(cfg, pos_embed=SD3_POS_EMBED_KEY in state)
     missing = sorted(set(table) - set(state))
     unexpected = sorted(set(state) - set(table))
     if missing or unexpected:
