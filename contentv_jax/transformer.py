@@ -139,28 +139,30 @@ class RMSNorm(nn.Module):
         return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-class MLPEmbedder(nn.Module):
+class _WidthFields(nn.Module):
+    """The fields of the small sub-modules (width D, compute / param dtypes, the LoRA spec) and their Dense."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    lora: LoraSpec | None = None
+
+    def dense(self, features: int, axes: tuple[str, str], name: str):
+        return _dense(features, axes, self.dtype, self.param_dtype, name, lora=self.lora)
+
+
+class MLPEmbedder(_WidthFields):
     """Two Dense layers with SiLU between (diffusers `TimestepEmbedding` / `PixArtAlphaTextProjection`):
     [B, in] -> [B, D]."""
 
-    dim: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    lora: LoraSpec | None = None
-
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _dense(self.dim, ("joint", "mlp"), self.dtype, self.param_dtype, "linear_1", lora=self.lora)(x)
-        return _dense(self.dim, ("mlp", "embed"), self.dtype, self.param_dtype, "linear_2", lora=self.lora)(nn.silu(x))
+        x = self.dense(self.dim, ("joint", "mlp"), "linear_1")(x)
+        return self.dense(self.dim, ("mlp", "embed"), "linear_2")(nn.silu(x))
 
 
-class CombinedTimestepTextProjEmbeddings(nn.Module):
+class CombinedTimestepTextProjEmbeddings(_WidthFields):
     """timestep [B] in [0, 1000], pooled [B, P] -> temb [B, D] = MLP(freqs(timestep)) + MLP(pooled)."""
-
-    dim: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, timestep: jax.Array, pooled: jax.Array) -> jax.Array:
@@ -203,52 +205,37 @@ class PatchEmbed(nn.Module):
         return x + video_pos_table(d, t, h, w, self.dtype)[None]
 
 
-class AdaLayerNormZero(nn.Module):
+class AdaLayerNormZero(_WidthFields):
     """x [B, S, D], emb [B, D] -> (norm(x) * (1 + scale_msa) + shift_msa, gate_msa, shift_mlp, scale_mlp,
     gate_mlp), the last four [B, D]. Modulation = Dense(silu(emb)) split in six."""
 
-    dim: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    lora: LoraSpec | None = None
-
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array):
-        mod = _dense(6 * self.dim, ("embed", "mlp"), self.dtype, self.param_dtype, "linear", lora=self.lora)(nn.silu(emb))
+        mod = self.dense(6 * self.dim, ("embed", "mlp"), "linear")(nn.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         return modulate(layer_norm(x), shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
-class AdaLayerNormContinuous(nn.Module):
+class AdaLayerNormContinuous(_WidthFields):
     """x [B, S, D], emb [B, D] -> norm(x) * (1 + scale) + shift, with (scale, shift) = Dense(silu(emb))
     (note: scale first, as in diffusers)."""
 
-    dim: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    lora: LoraSpec | None = None
-
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
-        mod = _dense(2 * self.dim, ("embed", "mlp"), self.dtype, self.param_dtype, "linear", lora=self.lora)(nn.silu(emb))
+        mod = self.dense(2 * self.dim, ("embed", "mlp"), "linear")(nn.silu(emb))
         scale, shift = jnp.split(mod, 2, axis=-1)
         return modulate(layer_norm(x), shift, scale)
 
 
-class FeedForward(nn.Module):
+class FeedForward(_WidthFields):
     """[B, S, D] -> [B, S, D]: Dense(4D), gelu-tanh, Dense(D) (diffusers `FeedForward(gelu-approximate)`)."""
-
-    dim: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = _dense(4 * self.dim, ("embed", "mlp"), self.dtype, self.param_dtype, "proj_in", lora=self.lora)(x)
+        h = self.dense(4 * self.dim, ("embed", "mlp"), "proj_in")(x)
         h = checkpoint_name(nn.gelu(h, approximate=True), "ff_hidden")
         h = constrain(h, ("batch", "length", "act_mlp"))
-        return _dense(self.dim, ("mlp", "embed"), self.dtype, self.param_dtype, "proj_out", lora=self.lora)(h)
+        return self.dense(self.dim, ("mlp", "embed"), "proj_out")(h)
 
 
 class _JointFields(nn.Module):
