@@ -78,3 +78,16 @@ def reference_vae(cfg: VAEConfig, seed: int = 0, bias_std: float = 0.05):
             elif name.endswith("bias"):
                 p.copy_(bias_std * torch.randn_like(p))
     return ref
+
+
+def dit_inputs(cfg: TransformerConfig, t: int, b: int = 2, h: int = 8, w: int = 12, seq: int = 7,
+               seed: int = 0) -> dict:
+    """Random inputs of a torch MM-DiT (diffusers argument names): latents [B, C, T, H, W], text [B, seq, J],
+    pooled [B, P], timesteps (b <= 3)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(b, cfg.in_channels, t, h, w, generator=g),
+        encoder_hidden_states=torch.randn(b, seq, cfg.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(b, cfg.pooled_projection_dim, generator=g),
+        timestep=torch.tensor([37.5, 912.0, 500.0][:b]),
+    )

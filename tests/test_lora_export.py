@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import rel_err
-from reference import reference_state_dict, reference_transformer
+from reference import dit_inputs, reference_state_dict, reference_transformer
 from safetensors import safe_open
 
 from contentv_common.config import get_preset
@@ -32,13 +32,6 @@ PRESET = get_preset("tiny")
 CFG = PRESET.transformer
 FAST = {"xla_backend_optimization_level": 0}
 
-
-def _inputs(b=2, t=2, h=4, w=6, seq=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(b, CFG.in_channels, t, h, w, generator=g),
-                encoder_hidden_states=torch.randn(b, seq, CFG.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(b, CFG.pooled_projection_dim, generator=g),
-                timestep=torch.tensor([37.5, 912.0][:b]))
 
 
 def _jax_forward(params, adapter=None, spec=None, **x):
@@ -101,7 +94,7 @@ def test_export_loads_in_diffusers_with_same_output(trained, tmp_path):
     with safe_open(str(out_file), "pt") as f:
         assert {"transformer." + k for k in loaded} == keys
         assert all(torch.equal(loaded[k.removeprefix("transformer.")], f.get_tensor(k)) for k in keys)
-    x = _inputs()
+    x = dit_inputs(CFG, 2, h=4, w=6, seq=5)
     spec = L.LoraSpec(4, 8.0)
     with torch.no_grad():
         diffusers_out = ref(**x)
@@ -132,7 +125,7 @@ def test_merge_folder_matches_jax_lora_forward(trained, tmp_path):
     dst = tmp_path / "merged"
     assert convert_main(["--to", "torch", str(ckpt), str(dst), "--merge"]) == 0  # base from lora.json
     model = ContentVTransformer3DModel.from_pretrained(dst).float().eval()
-    x = _inputs()
+    x = dit_inputs(CFG, 2, h=4, w=6, seq=5)
     with torch.no_grad():
         torch_out = model(**x)
     torch_out = getattr(torch_out, "sample", torch_out)
@@ -172,7 +165,7 @@ def test_peft_round_trip_and_lora_init(trained, tmp_path):
         assert set(a.keys()) == set(b.keys())
         assert all(np.array_equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
         assert PL.read_peft(back, CFG.num_layers)[1:] == (2, 6.0)
-    x = _inputs()
+    x = dit_inputs(CFG, 2, h=4, w=6, seq=5)
     with torch.no_grad():
         diffusers_out = ref(**x)
     spec = L.LoraSpec(2, 6.0, tuple(L.normalize_target(t) for t in targets))

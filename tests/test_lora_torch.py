@@ -14,7 +14,7 @@ import torch
 from conftest import rel_err
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from reference import reference_state_dict, reference_transformer
+from reference import dit_inputs, reference_state_dict, reference_transformer
 from safetensors.torch import save_file
 from tiny_models import one_torch_thread, tiny_folder  # noqa: F401  (fixtures)
 
@@ -30,13 +30,6 @@ CFG = get_preset("tiny").transformer  # 2 layers (the last context_pre_only), wi
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 
-
-def inputs(b=2, t=3, h=6, w=10, seq=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(b, CFG.in_channels, t, h, w, generator=g),
-                encoder_hidden_states=torch.randn(b, seq, CFG.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(b, CFG.pooled_projection_dim, generator=g),
-                timestep=torch.tensor([37.5, 912.0][:b]))
 
 
 def randomise_lora(dit, adapter: str, seed: int) -> None:
@@ -73,7 +66,7 @@ def world(tmp_path_factory):
     randomise_lora(ref.dit, "a", seed=1)
     randomise_lora(ref.dit, "b", seed=2)
     files = {name: save_diffusers_lora(ref.dit, name, root / name) for name in ("a", "b")}
-    return ref, folder, files, inputs()
+    return ref, folder, files, dit_inputs(CFG, 3, h=6, w=10)
 
 
 def ours(folder) -> ContentVTransformer3DModel:
@@ -294,7 +287,7 @@ def test_jax_adapter_exported_to_peft_matches_jax_forward(trained, tmp_path):  #
 
     base_dir, ckpt, base, adapter = trained
     assert convert_main(["--to", "peft", str(ckpt), str(tmp_path / "a.safetensors")]) == 0
-    x = inputs(t=2, h=4, w=6, seq=5)
+    x = dit_inputs(CFG, 2, h=4, w=6, seq=5)
     expected = _jax_forward(base, adapter, L.LoraSpec(4, 8.0), **x)
     model = ours(base_dir)
     with torch.no_grad(), apply_lora(model, tmp_path / "a.safetensors"):

@@ -8,7 +8,7 @@ import inspect
 import pytest
 import torch
 from conftest import rel_err
-from reference import reference_state_dict, reference_transformer
+from reference import dit_inputs, reference_state_dict, reference_transformer
 
 from contentv_common.config import TransformerConfig, get_preset
 from contentv_common.weights import INDEX_NAME, KeyMismatchError, save_sharded
@@ -20,15 +20,6 @@ CFG = get_preset("tiny").transformer  # 2 layers, 2 heads x 16, text 32 wide
 CFG3 = TransformerConfig(num_layers=3, num_attention_heads=3, attention_head_dim=16, joint_attention_dim=24,
                          caption_projection_dim=48, pooled_projection_dim=20, in_channels=8, out_channels=4)
 
-
-def inputs(cfg, t, b=2, h=8, w=12, seq=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(b, cfg.in_channels, t, h, w, generator=g),
-        encoder_hidden_states=torch.randn(b, seq, cfg.joint_attention_dim, generator=g),
-        pooled_projections=torch.randn(b, cfg.pooled_projection_dim, generator=g),
-        timestep=torch.tensor([37.5, 912.0, 500.0][:b]),
-    )
 
 
 @pytest.fixture(scope="module", params=[CFG, CFG3], ids=["tiny", "3layer"])
@@ -46,7 +37,7 @@ def saved(request, tmp_path_factory):
 def test_fp32_matches_reference(saved, t, h, w):
     cfg, ref, folder = saved
     model = ContentVTransformer3DModel.from_pretrained(folder, dtype=torch.float32)
-    x = inputs(cfg, t, h=h, w=w)
+    x = dit_inputs(cfg, t, h=h, w=w)
     expected = ref(**x)
     with torch.no_grad():
         out = model(**x)
@@ -61,7 +52,7 @@ def test_bf16_matches_fp32_reference(saved):
     cfg, ref, folder = saved
     model = ContentVTransformer3DModel.from_pretrained(folder, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    x = inputs(cfg, 3)
+    x = dit_inputs(cfg, 3)
     with torch.no_grad():
         out = model(**x)
     assert out.dtype == torch.float32  # returned in the latents' dtype
@@ -77,7 +68,7 @@ def test_loads_sd35_folder_written_by_diffusers(tmp_path):
     ref.dit.save_pretrained(tmp_path / "sd35", max_shard_size="40KB")
     assert (tmp_path / "sd35" / INDEX_NAME).is_file()
     model = ContentVTransformer3DModel.from_pretrained(tmp_path / "sd35")
-    x = inputs(CFG, 2, seed=3)
+    x = dit_inputs(CFG, 2, seed=3)
     with torch.no_grad():
         assert rel_err(model(**x), ref(**x)) <= 1e-5
 
@@ -86,7 +77,7 @@ def test_callable_backend_and_three_step_forward(saved):
     """A plugged-in callable sees [B, heads, N+L, head_dim] once per block; embed/blocks/head == forward."""
     cfg, _, folder = saved
     model = ContentVTransformer3DModel.from_pretrained(folder)
-    x = inputs(cfg, 2)
+    x = dit_inputs(cfg, 2)
     with torch.no_grad():
         expected = model(**x)
         seen = []
@@ -106,7 +97,7 @@ def test_callable_backend_and_three_step_forward(saved):
 def test_gradient_checkpointing_same_grads():
     torch.manual_seed(0)
     model = ContentVTransformer3DModel(CFG).train()  # torch default init: nothing zero-initialised
-    x = inputs(CFG, 2)
+    x = dit_inputs(CFG, 2)
     grads = []
     for flag in (False, True):
         model.zero_grad()
@@ -162,7 +153,7 @@ def test_strict_load_names_every_problem(tmp_path):
 def test_bad_inputs_are_named(change, match):
     with torch.device("meta"):
         model = ContentVTransformer3DModel(CFG)
-    x = {k: v.to("meta") for k, v in inputs(CFG, 1).items()}
+    x = {k: v.to("meta") for k, v in dit_inputs(CFG, 1).items()}
     change(x)
     with pytest.raises(ValueError, match=match):
         model(**x)
