@@ -221,10 +221,11 @@ def abstract_base(model, preset, mesh, rules, dtype):
     return abstract, shardings
 
 
-def load_base(config, model, preset, mesh, rules, *, checkpoint_dir=None, base_params=None, log=print):
+def load_base(config, model, preset, mesh, rules, *, ckpt=None, base_params=None, log=print):
     """A LoRA run's frozen base params, placed shard by shard in lora.base_dtype: `base_params` (a params tree, for
     programs and tests) or config.init_from (any format `--init-from` reads). Checks the targets against the model
-    and writes / checks <checkpoint_dir>/lora.json (a resume with another rank, alpha or targets is an error)."""
+    and the run's Checkpointer `ckpt` dir's lora.json (a resume with another rank, alpha or targets is an error), and
+    has `ckpt` write lora.json with its first checkpoint (so a run that fails before one leaves no directory)."""
     from contentv_jax.run import load_init_params
 
     spec = model.lora
@@ -233,8 +234,11 @@ def load_base(config, model, preset, mesh, rules, *, checkpoint_dir=None, base_p
     adapted = check_targets(spec, abstract)
     if base_params is None and not config.init_from:
         raise ValueError("lora.rank > 0 trains an adapter on a base model: give it with --init-from")
-    if checkpoint_dir is not None:
-        check_spec(checkpoint_dir, spec)
+    if ckpt is not None:
+        check_spec(ckpt.directory, spec)
+        base_name = Path(config.init_from).absolute() if config.init_from else "(base params given by the program)"
+        record = spec_record(spec, base_name, config.lora.base_dtype, preset.transformer.num_layers)
+        ckpt.sidecars[SPEC_FILE] = json.dumps(record, indent=2) + "\n"
     if base_params is None:
         base = load_init_params(config.init_from, abstract, shardings)
     else:

@@ -14,7 +14,6 @@ contentv_jax.validation), `main` (the CLI).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -280,11 +279,7 @@ def train(config, *, mesh_spec: str | None = None, checkpoint_dir: str | None = 
     model = build_model(config, preset)
     tx = make_optimizer(config.optim, config.steps)
     base = None if model.lora is None else lora_lib.load_base(  # (checks the targets first)
-        config, model, preset, mesh, rules, checkpoint_dir=checkpoint_dir, base_params=base_params, log=log)
-    if base is not None and ckpt is not None:  # lora.json, written next to the first checkpoint
-        record = lora_lib.spec_record(model.lora, Path(config.init_from).absolute() if config.init_from else
-                                      "(base params given by the program)", config.lora.base_dtype, preset.transformer.num_layers)
-        ckpt.sidecars[lora_lib.SPEC_FILE] = json.dumps(record, indent=2) + "\n"
+        config, model, preset, mesh, rules, ckpt=ckpt, base_params=base_params, log=log)
     state, state_shardings = create_train_state(model, tx, preset, mesh, config.seed, rules, compiler_options,
                                                 collection="params" if model.lora is None else "lora")
     source = source or make_source(config, preset, *shd.batch_slot(mesh, rules))
