@@ -221,6 +221,14 @@ def abstract_base(model, preset, mesh, rules, dtype):
     return abstract, shardings
 
 
+def _place(tree, shardings, dtype):
+    """A params tree of host / device arrays -> the same tree in `dtype`, each leaf on its sharding of `shardings`."""
+    flat_sh = flax.traverse_util.flatten_dict(shardings, sep="/")
+    flat = flax.traverse_util.flatten_dict(tree, sep="/")
+    return flax.traverse_util.unflatten_dict(
+        {k: jax.device_put(jnp.asarray(v, dtype), flat_sh[k]) for k, v in flat.items()}, sep="/")
+
+
 def load_base(config, model, preset, mesh, rules, *, ckpt=None, base_params=None, log=print):
     """A LoRA run's frozen base params, placed shard by shard in lora.base_dtype: `base_params` (a params tree, for
     programs and tests) or config.init_from (any format `--init-from` reads). Checks the targets against the model
@@ -242,10 +250,7 @@ def load_base(config, model, preset, mesh, rules, *, ckpt=None, base_params=None
     if base_params is None:
         base = load_init_params(config.init_from, abstract, shardings)
     else:
-        flat = flax.traverse_util.flatten_dict(nn.meta.unbox(base_params), sep="/")
-        flat_sh = flax.traverse_util.flatten_dict(shardings, sep="/")
-        base = flax.traverse_util.unflatten_dict(
-            {k: jax.device_put(jnp.asarray(v, dtype), flat_sh[k]) for k, v in flat.items()}, sep="/")
+        base = _place(nn.meta.unbox(base_params), shardings, dtype)
     log(f"LoRA rank {spec.rank} alpha {spec.alpha:g} on {len(adapted)} Dense layers "
         f"({', '.join(sorted({module_name(p) for p in adapted}))}); base {config.lora.base_dtype}, frozen")
     return base
@@ -258,9 +263,6 @@ def init_adapter(path: str, state, state_shardings, spec: LoraSpec, num_layers: 
 
     want = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(state.params, sep="/").items()}
     adapter = adapter_from_peft(path, want, spec.rank, spec.alpha, num_layers)
-    flat = flax.traverse_util.flatten_dict(adapter, sep="/")
-    flat_sh = flax.traverse_util.flatten_dict(state_shardings.params, sep="/")
-    placed = flax.traverse_util.unflatten_dict(
-        {k: jax.device_put(jnp.asarray(v, jnp.float32), flat_sh[k]) for k, v in flat.items()}, sep="/")
+    placed = _place(adapter, state_shardings.params, jnp.float32)
     copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_shardings.params)
     return state.replace(params=placed, ema_params=copy(placed))
