@@ -265,8 +265,7 @@ def place(tree, mesh, rules, batch_axis: bool = True):
         x = np.asarray(x)
         if not batch_axis:
             return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        global_shape = (x.shape[0] * shd.batch_slot(mesh, rules)[1], *x.shape[1:])
-        return jax.make_array_from_process_local_data(shd.batch_sharding(mesh, x.ndim, rules), x, global_shape)
+        return shd.place_rows(x, mesh, rules)
 
     return jax.tree.map(put, tree)
 

@@ -286,6 +286,13 @@ def batch_slot(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> tuple[int, int]:
     return slots.index(tuple(sorted(rows[jax.process_index()]))), len(slots)
 
 
+def place_rows(x, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> jax.Array:
+    """This process's rows [b, ...] (its `batch_slot` of the global batch) -> the global array [b * slots, ...]
+    sharded over the batch axes (multi-host safe: processes sharing a slot hold the same rows)."""
+    global_shape = (x.shape[0] * batch_slot(mesh, rules)[1], *x.shape[1:])
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, rules), x, global_shape)
+
+
 def batch_divisor(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> int:
     """How many shards the batch axis is split into (global batch sizes must be multiples of it)."""
     axes = batch_sharding(mesh, 1, rules).spec[0]

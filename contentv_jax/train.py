@@ -200,11 +200,6 @@ def make_train_step(model, tx, config, patch_size: int, null_text: tuple | None 
     return step_fn
 
 
-def batch_shardings(mesh, rules=shd.DEFAULT_RULES) -> dict:
-    """NamedSharding per batch array: the leading batch axis over the mesh axes of logical 'batch'."""
-    return {n: shd.batch_sharding(mesh, nd, rules) for n, nd in BATCH_NDIMS.items()}
-
-
 def place_batch(batch: dict, mesh, rules=shd.DEFAULT_RULES) -> dict:
     """Process-local numpy rows (this process's `shd.batch_slot` of the global batch) -> global jax.Arrays sharded
     over the batch axes (multi-host safe)."""
@@ -214,14 +209,14 @@ def place_batch(batch: dict, mesh, rules=shd.DEFAULT_RULES) -> dict:
     div = shd.batch_divisor(mesh, rules)
     slots = shd.batch_slot(mesh, rules)[1]
     out = {}
-    for n, sharding in batch_shardings(mesh, rules).items():
+    for n, ndim in BATCH_NDIMS.items():
         x = np.asarray(batch[n], np.float32)
-        if x.ndim != BATCH_NDIMS[n]:
-            raise ValueError(f"batch[{n!r}] has shape {x.shape}; expected {BATCH_NDIMS[n]} dims (see contentv_jax.data)")
+        if x.ndim != ndim:
+            raise ValueError(f"batch[{n!r}] has shape {x.shape}; expected {ndim} dims (see contentv_jax.data)")
         global_b = x.shape[0] * slots
         if global_b % div:
             raise ValueError(f"global batch {global_b} ({n} {x.shape}) does not divide over the {div} batch shards of the mesh")
-        out[n] = jax.make_array_from_process_local_data(sharding, x, (global_b, *x.shape[1:]))
+        out[n] = shd.place_rows(x, mesh, rules)
     return out
 
 

@@ -34,7 +34,6 @@ from contentv_jax.data import Bucket
 from contentv_jax.flow import loss_weights, velocity_mse
 from contentv_jax.run import StepCache
 
-VAL_ARRAYS = {"latents": 5, "context": 3, "pooled": 2, "record_id": 1}  # a validation batch: name -> rank
 _NOISE_STREAM = 0x56414C  # "VAL": keeps the validation noise apart from any other use of PRNGKey(val_seed)
 
 
@@ -179,10 +178,7 @@ class Validator:
 
     def _place(self, rows: dict) -> dict:
         """This process's rows (`ValidationSet.read`) -> global arrays [B, ...] sharded over the batch axes."""
-        b = self.val_set.batch
-        return {k: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, VAL_ARRAYS[k], self.rules), v,
-                                                          (b, *v.shape[1:]))
-                for k, v in rows.items()}
+        return {k: shd.place_rows(v, self.mesh, self.rules) for k, v in rows.items()}
 
     def _compiled(self, params, batch):
         key = StepCache.key(batch)
